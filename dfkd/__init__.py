@@ -1,0 +1,3 @@
+"""dfkd: a data-free knowledge distillation engine on PyTorch and accelerate."""
+
+__version__ = "0.1.0"
