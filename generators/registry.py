@@ -77,7 +77,8 @@ class Registry(Generic[T]):
         known = sorted(self._entries)
         close = close_matches(str(name), known)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"{self.name} registry has no entry {name!r}.{hint} Known: {', '.join(known)}."
+        listing = ", ".join(known) if len(known) <= 24 else f"{len(known)} names, e.g. {', '.join(known[:12])}, ..."
+        return f"{self.name} registry has no entry {name!r}.{hint} Known: {listing}."
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -1,0 +1,317 @@
+"""Weights in and out, safely, and run checkpoints that a crash cannot corrupt.
+
+Reading:
+    :func:`load_state_dict_file` reads ``.safetensors`` files, or torch files
+    with ``weights_only=True`` (so a file carrying a pickled payload is refused
+    and the payload never runs). It accepts a plain state dict,
+    ``{"state_dict": ...}`` or ``{"model": ...}``, and strips the ``module.``
+    prefix that ``DataParallel`` adds. :func:`load_weights` loads that into a
+    model and names every missing, unexpected or mis-shaped key.
+
+Writing:
+    every file is written to a temporary name, fsynced, then renamed. A run
+    checkpoint is a folder ``step_XXXXXXXX`` built as ``.tmp-step_XXXXXXXX`` and
+    renamed once complete; its ``manifest.json`` records each file's size and
+    SHA-256, so a truncated or corrupted checkpoint is detected on resume and
+    skipped in favour of the previous one.
+
+accelerate's own ``save_state``/``load_state`` is not used: its loader
+unpickles registered custom objects with ``weights_only=False``
+(accelerate 1.15, ``checkpointing.py``), which would break the rule that no
+file is ever unpickled unsafely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from dfkd.errors import CheckpointError
+
+__all__ = [
+    "load_state_dict_file",
+    "load_weights",
+    "save_model",
+    "read_model_metadata",
+    "atomic_write_bytes",
+    "CheckpointManager",
+]
+
+_WRAPPER_KEYS = ("state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+_MANIFEST = "manifest.json"
+
+
+# --------------------------------------------------------------------------- reading weights
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``path`` without unpickling arbitrary objects.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, holds pickled
+            objects, or holds no recognisable state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist (looked at {path.resolve()}).")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {str(path)!r}: it contains pickled Python objects, not only tensors, and "
+            "dfkd never unpickles those (torch.load(weights_only=True)). Re-save it as a plain state dict "
+            f"(torch.save(model.state_dict(), path)) or as .safetensors. Detail: {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+    return _as_state_dict(obj, path)
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        top = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{str(path)!r} holds no state dict: expected a mapping of tensors, or one under "
+            f"'state_dict' or 'model'; found {top}."
+        )
+    return {_strip_prefixes(k): v for k, v in obj.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def load_weights(model: nn.Module, path: str | Path, *, what: str = "checkpoint") -> None:
+    """Load ``path`` into ``model`` strictly; a mismatch names the keys.
+
+    Args:
+        model: the freshly built network.
+        path: the weight file.
+        what: how to call the file in errors, e.g. ``"teacher checkpoint"``.
+
+    Raises:
+        CheckpointError: listing missing keys, unexpected keys and shape mismatches.
+    """
+    state = load_state_dict_file(path)
+    expected = model.state_dict()
+    # BatchNorm fills in num_batches_tracked for checkpoints from PyTorch < 0.4.1, which lack it.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"{what} {str(path)!r} does not fit {type(model).__name__}"]
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        parts.append("Check that the recipe's arch and the dataset's class count match the checkpoint.")
+        raise CheckpointError(". ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync, and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _model_bytes(model: nn.Module, metadata: Mapping[str, Any] | None = None) -> bytes:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    return save(tensors, metadata=meta)
+
+
+def save_model(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> None:
+    """Save ``model``'s weights as safetensors, atomically, with JSON-encoded ``metadata``."""
+    atomic_write_bytes(Path(path), _model_bytes(model, metadata))
+
+
+def read_model_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata written by :func:`save_model` (values JSON-decoded where possible)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        raw = fh.metadata() or {}
+    decoded = {}
+    for key, value in raw.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return decoded
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- run checkpoints
+
+
+class CheckpointManager:
+    """Complete, verifiable run checkpoints under ``root``, keeping the newest ``keep``.
+
+    A checkpoint folder holds ``<name>.safetensors`` per model, ``state.pt``
+    (optimiser, scheduler, source, policies, run counters; loaded with
+    ``weights_only=True``), ``rng_<rank>.pt`` per process, and
+    ``manifest.json`` listing every file's size and SHA-256.
+
+    In a multi-process run every process calls :meth:`save`; the main process
+    writes the shared files and publishes the folder once all are in.
+    """
+
+    def __init__(self, root: str | Path, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    def save(
+        self,
+        step: int,
+        models: Mapping[str, nn.Module],
+        state: Mapping[str, Any],
+        rng: Mapping[str, Any],
+        *,
+        rank: int = 0,
+        is_main: bool = True,
+        barrier: Any = None,
+    ) -> Path:
+        """Write a checkpoint for ``step``; return the published folder."""
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-step_{step:08d}"
+        wait = barrier or (lambda: None)
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        wait()
+        atomic_write_bytes(tmp / f"rng_{rank}.pt", _torch_bytes(dict(rng)))
+        wait()
+        if is_main:
+            for name, model in models.items():
+                atomic_write_bytes(tmp / f"{name}.safetensors", _model_bytes(model))
+            atomic_write_bytes(tmp / "state.pt", _torch_bytes(dict(state)))
+            manifest = {p.name: _file_record(p) for p in sorted(tmp.iterdir())}
+            atomic_write_bytes(tmp / _MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1).encode())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        wait()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        """Published checkpoint folders, oldest first (not verified)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if p.is_dir())
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies; corrupt ones are skipped with a warning."""
+        for folder in reversed(self.complete()):
+            problem = verify_checkpoint(folder)
+            if problem is None:
+                return folder
+            warnings.warn(f"skipping checkpoint {folder}: {problem}", stacklevel=2)
+        return None
+
+    @staticmethod
+    def load(folder: str | Path, rank: int = 0) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any], dict[str, Any] | None]:
+        """Read a checkpoint: ``(model state dicts by name, state, this rank's RNG state or None)``."""
+        folder = Path(folder)
+        problem = verify_checkpoint(folder)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {str(folder)!r} is not usable: {problem}")
+        models = {p.stem: load_file(p, device="cpu") for p in folder.glob("*.safetensors")}
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        rng_file = folder / f"rng_{rank}.pt"
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
+        return models, state, rng
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """``None`` if every file in the manifest is present and intact, else what is wrong."""
+    manifest_path = folder / _MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (the write never completed)"
+    try:
+        manifest = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"manifest.json is unreadable ({exc})"
+    for name, record in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != record["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {record['bytes']} (truncated?)"
+        if _sha256(path) != record["sha256"]:
+            return f"{name} does not match its SHA-256 (corrupted)"
+    return None

@@ -1,0 +1,112 @@
+"""Command line: ``dfkd train``, ``dfkd eval`` and ``dfkd list``.
+
+The same entry point runs as ``dfkd ...``, ``python -m dfkd ...`` and
+``accelerate launch -m dfkd ...``; the launcher only decides how many
+processes run it. Errors the user can fix are printed as one paragraph and
+exit with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dfkd.errors import USER_ERRORS
+
+__all__ = ["main"]
+
+_EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfkd",
+        description="Data-free knowledge distillation engine. Recipes are YAML files; override any key with key=value.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="run a recipe", description="Run a recipe: dfkd train RECIPE [key=value ...]")
+    train.add_argument("recipe", help="path of a YAML recipe (see recipes/)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=10")
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on a test split",
+        description=(
+            "Evaluate student.checkpoint on data's test split, optionally against a teacher, and print one JSON "
+            "object with acc1, acc5 and, with a teacher, agree1, loyalty and loyalty_ref. With a run's "
+            "config.yaml and no student.checkpoint, the run's student.safetensors is evaluated."
+        ),
+    )
+    evaluate.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help="an optional recipe, then overrides")
+
+    listing = sub.add_parser("list", help="list the names a registry knows")
+    listing.add_argument("what", choices=sorted(_LISTINGS), help="which registry")
+    return parser
+
+
+def _list_models() -> list[str]:
+    from dfkd.models import list_models
+
+    return list_models()
+
+
+def _list_registry(module: str, attr: str):
+    def names() -> list[str]:
+        import importlib
+
+        return getattr(importlib.import_module(module), attr).names()
+
+    return names
+
+
+_LISTINGS = {
+    "models": _list_models,
+    "datasets": _list_registry("dfkd.data", "DATASETS"),
+    "losses": _list_registry("dfkd.losses", "STUDENT_LOSSES"),
+    "schedules": _list_registry("dfkd.policies.schedules", "SCHEDULES"),
+    "sources": _list_registry("dfkd.sources", "SOURCES"),
+    "optimizers": _list_registry("dfkd.optim", "OPTIMIZERS"),
+}
+
+
+def _train(recipe: str, overrides: Sequence[str]) -> int:
+    from dfkd.config import load_config
+    from dfkd.engine import Trainer
+
+    cfg = load_config(recipe, overrides)
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    if trainer.accelerator.is_main_process:
+        final = {k: round(v, 4) for k, v in summary.items() if k.startswith("final_")}
+        print(json.dumps({"output_dir": str(cfg.output_dir), **final, "wall_s": round(summary["wall_s"], 1)}))
+    return 0
+
+
+def _eval(args: Sequence[str]) -> int:
+    from dfkd.evaluate import run_eval
+
+    recipe = args[0] if args and "=" not in args[0] else None
+    overrides = list(args[1:] if recipe else args)
+    result, is_main = run_eval(recipe, overrides)
+    if is_main:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (and exits with it when run as a script)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args.recipe, args.overrides)
+        if args.command == "eval":
+            return _eval(args.args)
+        print("\n".join(_LISTINGS[args.what]()))
+        return 0
+    except USER_ERRORS as exc:
+        print(f"dfkd: error: {exc}", file=sys.stderr)
+        return _EXIT_USER_ERROR

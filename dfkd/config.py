@@ -1,0 +1,367 @@
+"""Recipes: a typed schema, YAML loading with dotted overrides, and clear errors.
+
+A recipe is a YAML file checked against :class:`RunConfig`. Command-line
+arguments of the form ``key=value`` (dotted keys, YAML values) are merged on
+top. The engine owns the fixed sections (``data``, ``student``, ``teacher``,
+``loss``, ``optim``, ``train``, ``eval``); pluggable parts are *component
+specs*, ``{name: <registry key>, **options}``, whose options are checked
+against the keyword-only parameters of the registered factory (see
+:func:`component_schema`). Either way an unknown key names itself and the
+closest valid key, and a value of the wrong type names the key, the expected
+type and the value given.
+
+YAML is read with OmegaConf, which uses a safe loader: no Python objects are
+ever constructed from a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from dfkd.errors import ConfigError
+from dfkd.registry import Registry, close_matches
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "RunConfig",
+    "load_config",
+    "merge_config",
+    "save_config",
+    "component_schema",
+    "check_component",
+]
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives on disk, and how its images are presented."""
+
+    name: str = "procedural"
+    root: str = "data"  # a folder, or an archive that is extracted once into the cache
+    download: bool = False  # let torchvision download (needs network access)
+    image_size: Optional[int] = None  # override the dataset's native size
+    mean: Optional[list[float]] = None  # override the dataset's normalisation
+    std: Optional[list[float]] = None
+    augment: Optional[str] = None  # override the dataset's train augmentation ("none" disables it)
+    train_samples: Optional[int] = None  # class-stratified subset of the train split
+    test_samples: Optional[int] = None  # class-stratified subset of the test split
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """A network from the model zoo, optionally initialised from a checkpoint."""
+
+    arch: str = "???"
+    checkpoint: Optional[str] = None  # .safetensors, or a torch state dict (loaded with weights_only=True)
+
+
+@dataclass
+class LossConfig:
+    """The student's loss: a weighted sum of named per-sample terms.
+
+    ``terms`` maps a term of :data:`dfkd.losses.STUDENT_LOSSES` to its weight,
+    e.g. ``{ce: 1.0}`` to train a teacher or ``{ce: 0.1, kd: 0.9}`` for Hinton KD.
+    """
+
+    terms: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+    temperature: float = 4.0  # T of the kd term
+    label_smoothing: float = 0.0  # of the ce term
+
+
+@dataclass
+class OptimConfig:
+    """The student's optimiser and learning-rate schedule."""
+
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam(w) only
+    weight_decay: float = 5e-4
+    # A schedule of dfkd.policies.schedules, evaluated in epochs (fractional) and
+    # multiplied into lr: e.g. {name: cosine} or {name: multistep, milestones: [100, 150]}.
+    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "cosine"})
+    warmup_epochs: float = 0.0  # linear warm-up before the schedule, in epochs
+    grad_clip: Optional[float] = None  # max global grad norm
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run, and how often it evaluates, logs and checkpoints."""
+
+    epochs: int = 200
+    steps_per_epoch: Optional[int] = None  # default: one pass of the sample source
+    eval_every: int = 1  # epochs
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2  # the last K complete checkpoints are kept
+    resume: Optional[str] = None  # "auto", or the path of a checkpoint folder
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    log_every: int = 50  # steps between scalar logs (each one syncs with the device)
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the test split."""
+
+    batch_size: int = 512
+    stability_from: float = 0.32  # fraction of training after which Acc@1 mean/var are taken (CuDFKD Table V)
+
+
+@dataclass
+class RunConfig:
+    """A complete recipe. ``student`` is always the network the loop trains (a teacher, in a teacher recipe)."""
+
+    output_dir: Optional[str] = None  # default: runs/<recipe file name>
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: Optional[ModelConfig] = None
+    source: dict[str, Any] = field(default_factory=lambda: {"name": "real", "batch_size": 128})
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a recipe, apply ``key=value`` overrides, and validate the result.
+
+    Args:
+        path: a YAML recipe, or ``None`` to start from the defaults.
+        overrides: dotted ``key=value`` strings; values are parsed as YAML.
+
+    Returns:
+        The validated config, typed by :class:`RunConfig`, with every
+        component spec filled in with its defaults.
+
+    Raises:
+        ConfigError: on a missing file, bad YAML, an unknown key or a wrong type.
+    """
+    layers: list[Any] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist (looked at {path.resolve()}).")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml.YAMLError and OmegaConf's grammar errors alike
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got a {type(loaded).__name__}.")
+        layers.append(loaded)
+    layers.append(_parse_overrides(overrides))
+    cfg = merge_config(*layers)
+    if cfg.output_dir is None:
+        stem = Path(path).stem if path is not None else "run"
+        cfg.output_dir = str(Path("runs") / stem)
+    return cfg
+
+
+def merge_config(*layers: Any) -> DictConfig:
+    """Merge plain dicts or DictConfigs onto the :class:`RunConfig` schema, validating each key."""
+    cfg = OmegaConf.structured(RunConfig)
+    for layer in layers:
+        container = OmegaConf.to_container(layer) if isinstance(layer, (DictConfig, ListConfig)) else layer
+        _check_keys(container, RunConfig, "")
+        try:
+            cfg = OmegaConf.merge(cfg, container)
+        except OmegaConfBaseException as exc:
+            raise _translate(exc) from None
+    _check_components(cfg)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the fully resolved config as YAML."""
+    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10).")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _schema_fields(schema: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _check_keys(data: Any, schema: type, prefix: str) -> None:
+    """Reject keys that are not fields of ``schema``, recursively, suggesting the closest."""
+    if not isinstance(data, Mapping):
+        return
+    hints = typing.get_type_hints(schema)
+    fields = _schema_fields(schema)
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(full, str(key), list(fields)))
+        sub = _unwrap_optional(hints[key])
+        if dataclasses.is_dataclass(sub):
+            _check_keys(value, sub, f"{full}.")
+
+
+def _unknown_key_message(full_key: str, key: str, valid: list[str]) -> str:
+    close = close_matches(key, valid)
+    parent = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+    hint = f" Did you mean {' or '.join(repr(parent + c) for c in close)}?" if close else ""
+    where = f"section {parent[:-1]!r}" if parent else "a recipe"
+    return f"unknown config key {full_key!r}.{hint} Valid keys in {where}: {', '.join(sorted(valid))}."
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _translate(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    """Turn an OmegaConf error into a one-paragraph :class:`ConfigError`."""
+    full_key = prefix + (getattr(exc, "full_key", None) or str(getattr(exc, "key", "") or "?"))
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(f"unknown config key {full_key!r}. {str(exc).splitlines()[0]}")
+    if isinstance(exc, ValidationError):
+        expected = _expected_type(exc)
+        value = getattr(exc, "value", None)
+        return ConfigError(
+            f"config key {full_key!r} expects {expected}, got {value!r} ({type(value).__name__})."
+        )
+    return ConfigError(f"invalid config at {full_key!r}: {str(exc).splitlines()[0]}")
+
+
+def _expected_type(exc: ValidationError) -> str:
+    obj_type = getattr(exc, "object_type", None)
+    key = getattr(exc, "key", None)
+    if obj_type is not None and dataclasses.is_dataclass(obj_type) and key is not None:
+        hints = typing.get_type_hints(obj_type)
+        if key in hints:
+            return _type_name(hints[key])
+    message = str(exc).splitlines()[0]
+    return message.split("converted to ")[-1] if "converted to " in message else "another type"
+
+
+# --------------------------------------------------------------------------- component specs
+
+
+def component_schema(factory: Callable[..., Any]) -> type:
+    """A dataclass of ``factory``'s keyword-only parameters: the options a recipe may set.
+
+    Positional parameters are what the engine injects (a dataset, a model);
+    keyword-only parameters, with their annotations and defaults, are the
+    component's recipe options.
+    """
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    hints = typing.get_type_hints(target)
+    specs = []
+    for param in inspect.signature(target).parameters.values():
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        tp = hints.get(param.name, Any)
+        default = param.default
+        if default is inspect.Parameter.empty:
+            specs.append((param.name, tp))
+        elif isinstance(default, (list, dict, tuple)):
+            specs.append((param.name, tp, field(default_factory=lambda d=default: list(d) if isinstance(d, tuple) else d.copy())))
+        else:
+            specs.append((param.name, tp, field(default=default)))
+    name = getattr(factory, "__name__", "component")
+    return dataclasses.make_dataclass(f"{name}_options", specs)
+
+
+def check_component(registry: Registry, spec: Any, path: str) -> DictConfig:
+    """Validate a ``{name: ..., **options}`` spec against ``registry``; return it with defaults filled in."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(f"{path!r} must be a mapping with a 'name' key from the {registry.name} registry, got {spec!r}.")
+    options = {k: v for k, v in spec.items() if k != "name"}
+    name = spec["name"]
+    if name not in registry:
+        raise ConfigError(f"{path}.name: {registry.unknown_message(name)}")
+    schema = component_schema(registry.get(name))
+    valid = [f.name for f in dataclasses.fields(schema)]
+    for key in options:
+        if key not in valid:
+            raise ConfigError(_unknown_key_message(f"{path}.{key}", key, valid) + f" ({registry.name} {name!r})")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), options)
+    except OmegaConfBaseException as exc:
+        raise _translate(exc, prefix=f"{path}.") from None
+    missing = OmegaConf.missing_keys(merged)
+    if missing:
+        raise ConfigError(f"{path}: {registry.name} {name!r} needs {', '.join(sorted(missing))}.")
+    return OmegaConf.create({"name": name, **OmegaConf.to_container(merged)})
+
+
+def _check_components(cfg: DictConfig) -> None:
+    """Check every registry name and component spec, so a typo fails before any work starts."""
+    from dfkd.data import DATASETS
+    from dfkd.losses import STUDENT_LOSSES
+    from dfkd.models import list_models
+    from dfkd.optim import OPTIMIZERS
+    from dfkd.policies.schedules import SCHEDULES
+    from dfkd.sources import SOURCES
+
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name: {DATASETS.unknown_message(cfg.data.name)}")
+    for role in ("student", "teacher"):
+        model = cfg[role]
+        if model is None:
+            continue
+        if model.arch == "???":
+            raise ConfigError(f"{role}.arch is required: a name from the model zoo (see `dfkd list models`).")
+        names = list_models()
+        if model.arch not in names:
+            close = close_matches(model.arch, names)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"{role}.arch: the model zoo has no {model.arch!r}.{hint} See `dfkd list models`.")
+    for term in cfg.loss.terms:
+        if term not in STUDENT_LOSSES:
+            raise ConfigError(f"loss.terms: {STUDENT_LOSSES.unknown_message(term)}")
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name: {OPTIMIZERS.unknown_message(cfg.optim.name)}")
+    if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(
+            f"train.mixed_precision must be one of 'no', 'bf16', 'fp16', got {cfg.train.mixed_precision!r}."
+        )
+    for key, low in (("train.epochs", 1), ("train.eval_every", 1), ("train.checkpoint_every", 1),
+                     ("train.keep_checkpoints", 1), ("train.log_every", 1), ("eval.batch_size", 1)):
+        if OmegaConf.select(cfg, key) < low:
+            raise ConfigError(f"{key} must be at least {low}, got {OmegaConf.select(cfg, key)}.")
+    cfg.optim.schedule = check_component(SCHEDULES, cfg.optim.schedule, "optim.schedule")
+    cfg.source = check_component(SOURCES, cfg.source, "source")

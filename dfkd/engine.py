@@ -1,0 +1,397 @@
+"""The one training loop.
+
+Every run, whether it trains a teacher, a scratch student, a real-data KD
+student or a data-free student, is this loop: ask the sample source for a
+batch, take a student step on the recipe's loss, evaluate every few epochs,
+log, and checkpoint. What differs between methods is which components the
+recipe composes, never a branch on a method's name here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dfkd.checkpoint import CheckpointManager, load_weights, save_model
+from dfkd.config import save_config
+from dfkd.data import DatasetSpec, build_dataset
+from dfkd.data.transforms import Normalize, build_augmentation, to_unit
+from dfkd.errors import ConfigError, DfkdError, NonFiniteLossError
+from dfkd.losses import StudentLoss
+from dfkd.metrics import per_sample_metrics, stability, summarize
+from dfkd.models import create_model
+from dfkd.optim import build_lr_scheduler, build_optimizer
+from dfkd.sources import SOURCES, Batch, Context, SampleSource, SourceEnv
+from dfkd.tracking import Meter, RunLogger
+
+__all__ = ["Trainer", "RunState", "build_eval_loader", "build_model", "build_normalize", "evaluate", "make_accelerator"]
+
+
+@dataclass
+class RunState:
+    """Counters and history that make a run resumable; everything else is derived."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
+    wall_s: float = 0.0  # accumulated over restarts
+    synth_s: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    """The accelerator for a run; launch topology comes from ``accelerate launch``, not the recipe."""
+    return Accelerator(mixed_precision=cfg.train.mixed_precision)
+
+
+def build_model(cfg: DictConfig, spec: DatasetSpec, role: str) -> nn.Module:
+    """A zoo model sized for ``spec``, loaded from ``cfg.checkpoint`` when one is given."""
+    model = create_model(cfg.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    if cfg.checkpoint:
+        load_weights(model, cfg.checkpoint, what=f"{role} checkpoint")
+    return model
+
+
+def build_normalize(cfg: DictConfig, spec: DatasetSpec) -> Normalize:
+    """The dataset's normalisation, or the recipe's override of it."""
+    mean = list(cfg.data.mean) if cfg.data.mean is not None else list(spec.mean)
+    std = list(cfg.data.std) if cfg.data.std is not None else list(spec.std)
+    for key, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) != spec.in_channels:
+            raise ConfigError(f"{key} has {len(values)} values but {spec.name} images have {spec.in_channels} channels.")
+    if min(std) <= 0:
+        raise ConfigError(f"data.std must be positive, got {std}.")
+    return Normalize(mean, std)
+
+
+def build_eval_loader(test_set: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """An in-order loader over the test split; in-memory datasets need no worker processes."""
+    in_memory = isinstance(getattr(test_set, "images", None), Tensor)
+    return DataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=0 if in_memory else num_workers)
+
+
+@torch.no_grad()
+def evaluate(
+    student: nn.Module,
+    loader: DataLoader,
+    normalize: nn.Module,
+    accelerator: Accelerator,
+    teacher: nn.Module | None = None,
+    *,
+    per_sample: bool = False,
+) -> dict[str, Any]:
+    """Acc@1/5, and against a teacher Agree@1, loyalty and loyalty_ref, over every test sample once.
+
+    Args:
+        loader: a loader prepared by ``accelerator`` yielding ``(uint8 images, labels)``.
+        per_sample: also return the gathered per-sample values under ``"per_sample"``.
+    """
+    was_training = student.training
+    student.eval()
+    chunks: dict[str, list[Tensor]] = defaultdict(list)
+    for images, labels in loader:
+        x = normalize(to_unit(images))
+        with accelerator.autocast():
+            s_logits = student(x)
+            t_logits = teacher(x) if teacher is not None else None
+        values = per_sample_metrics(s_logits.float(), labels, None if t_logits is None else t_logits.float())
+        for name, value in accelerator.gather_for_metrics(values).items():
+            chunks[name].append(value)
+    student.train(was_training)
+    gathered = {name: torch.cat(parts) for name, parts in chunks.items()}
+    result: dict[str, Any] = summarize(gathered)
+    if per_sample:
+        result["per_sample"] = {k: v.cpu() for k, v in gathered.items()}
+    return result
+
+
+def _rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory on CUDA; on CPU, the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Builds a run from its config and runs the loop.
+
+    Args:
+        cfg: a validated config from :func:`dfkd.config.load_config`.
+        accelerator: reuse an accelerator (tests); by default one is made from the config.
+    """
+
+    def __init__(self, cfg: DictConfig, accelerator: Accelerator | None = None) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator or make_accelerator(cfg)
+        set_seed(cfg.seed, device_specific=True)
+        self.device = self.accelerator.device
+        self.output_dir = Path(cfg.output_dir)
+        self._prepare_output_dir()
+
+        data = cfg.data
+        self.spec, test_set = build_dataset(
+            data.name, data.root, "test", download=data.download, image_size=data.image_size,
+            num_samples=data.test_samples, seed=cfg.seed,
+        )
+        self.normalize = build_normalize(cfg, self.spec).to(self.device)
+        augment = build_augmentation(data.augment or self.spec.augment, self.spec.image_size).to(self.device)
+
+        self.student = build_model(cfg.student, self.spec, "student")
+        self.teacher = build_model(cfg.teacher, self.spec, "teacher") if cfg.teacher is not None else None
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval().requires_grad_(False)  # never wrapped, never trained
+
+        self.loss = StudentLoss(cfg.loss.terms, cfg.loss.label_smoothing)
+        if self.loss.needs_teacher and self.teacher is None:
+            raise ConfigError(f"loss.terms {list(cfg.loss.terms)} need a teacher, but the recipe has no 'teacher' section.")
+
+        env = SourceEnv(
+            cfg=cfg, spec=self.spec, train_set=self._train_set, normalize=self.normalize, augment=augment,
+            accelerator=self.accelerator, seed=cfg.seed,
+        )
+        options = OmegaConf.to_container(cfg.source)
+        self.source: SampleSource = SOURCES.get(options.pop("name"))(env, **options)
+        self.steps_per_epoch = cfg.train.steps_per_epoch or self.source.steps_per_epoch()
+        if not self.steps_per_epoch:
+            raise ConfigError(f"source {cfg.source.name!r} has no natural epoch length: set train.steps_per_epoch.")
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+
+        optimizer = build_optimizer(self.student.parameters(), cfg.optim)
+        self.scheduler = build_lr_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
+        eval_loader = build_eval_loader(test_set, cfg.eval.batch_size, data.num_workers)
+        self.student, self.optimizer, self.eval_loader = self.accelerator.prepare(self.student, optimizer, eval_loader)
+
+        self.state = RunState()
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self._nonfinite: Tensor | None = None  # device flags of terms that went non-finite since the last check
+
+    # -- setup helpers
+
+    def _prepare_output_dir(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.output_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise DfkdError(
+                f"cannot write to output_dir {str(self.output_dir)!r} ({exc.strerror}). "
+                "Choose a writable folder with output_dir=PATH."
+            ) from None
+
+    def _train_set(self):
+        data = self.cfg.data
+        _, train_set = build_dataset(
+            data.name, data.root, "train", download=data.download, image_size=data.image_size,
+            num_samples=data.train_samples, seed=self.cfg.seed,
+        )
+        return train_set
+
+    @property
+    def unwrapped_student(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.student)
+
+    def context(self, epoch: int) -> Context:
+        return Context(
+            teacher=self.teacher, student=self.student, epoch=epoch, step=self.state.step,
+            epochs=self.cfg.train.epochs, steps_per_epoch=self.steps_per_epoch,
+            metrics=self.state.history[-1] if self.state.history else {},
+        )
+
+    # -- the loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (resuming first if asked) and return the summary."""
+        cfg = self.cfg
+        self._resume()
+        if self.accelerator.is_main_process:
+            save_config(cfg, self.output_dir / "config.yaml")
+        self.logger = RunLogger(
+            self.output_dir, enabled=self.accelerator.is_main_process, total_steps=self.total_steps,
+            initial_step=self.state.step, progress_bar=cfg.train.progress_bar,
+        )
+        meter = Meter()
+        started, wall_before = time.perf_counter(), self.state.wall_s
+        try:
+            for epoch in range(self.state.epoch, cfg.train.epochs):
+                ctx = self.context(epoch)
+                self.source.on_epoch_start(ctx)
+                for _ in range(self.state.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                    ctx.step = self.state.step
+                    meter.update(self.train_step(self.source.next_batch(ctx)))
+                    self.state.step += 1
+                    if self.state.step % cfg.train.log_every == 0:
+                        self._log_training(meter)
+                    self.logger.progress()
+                self.source.on_epoch_end(ctx)
+                self.state.epoch = epoch + 1
+                self._log_training(meter)
+                self.state.wall_s = wall_before + time.perf_counter() - started
+                last = self.state.epoch == cfg.train.epochs
+                if self.state.epoch % cfg.train.eval_every == 0 or last:
+                    self._evaluate_and_record()
+                if self.state.epoch % cfg.train.checkpoint_every == 0 or last:
+                    self._save_checkpoint()
+            self.state.wall_s = wall_before + time.perf_counter() - started
+            return self._finish()
+        finally:
+            self.logger.close()
+
+    def train_step(self, batch: Batch) -> dict[str, Tensor]:
+        """One optimizer step of the student on ``batch``; returns named device scalars."""
+        with self.accelerator.autocast():
+            s_logits = self.student(batch.x)
+            t_logits = batch.teacher_logits
+            if t_logits is None and self.loss.needs_teacher:
+                with torch.no_grad():
+                    t_logits = self.teacher(batch.x)
+            per_sample, raw = self.loss(s_logits, t_logits, batch.y, self.cfg.loss.temperature)
+            loss = per_sample.mean()
+        self.accelerator.backward(loss)
+        if self.cfg.optim.grad_clip:
+            self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        terms = {"loss": loss.detach()}
+        for name, value in raw.items():
+            terms[f"student/{name}"] = value.detach().mean()
+            terms[f"student/{name}_weighted"] = self.loss.weights[name] * terms[f"student/{name}"]
+        return terms
+
+    # -- logging, evaluation, checkpoints
+
+    def _log_training(self, meter: Meter) -> None:
+        means = meter.pop_means()
+        if not means:
+            return
+        bad = [name for name, value in means.items() if not np.isfinite(value)]
+        if bad:
+            last = self.checkpoints.latest()
+            raise NonFiniteLossError(
+                f"non-finite loss at or before step {self.state.step} in: {', '.join(bad)}. "
+                f"The last good checkpoint is {str(last) if last else 'none (no checkpoint yet)'}; "
+                "lower the learning rate or the offending term's weight, then resume with train.resume=auto."
+            )
+        means["lr"] = self.scheduler.get_last_lr()[0]
+        self.logger.scalars(means, self.state.step)
+        self.logger.progress(0, loss=means["loss"])
+
+    def _evaluate_and_record(self) -> None:
+        metrics = evaluate(self.student, self.eval_loader, self.normalize, self.accelerator, self.teacher)
+        entry = {"epoch": self.state.epoch, "step": self.state.step, **metrics}
+        self.state.history.append(entry)
+        self.logger.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.state.step)
+        self.logger.record({**entry, "lr": self.scheduler.get_last_lr()[0]})
+
+    def _stateful(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "source": self.source, "run": self.state}
+
+    def _save_checkpoint(self) -> Path:
+        state = {name: obj.state_dict() for name, obj in self._stateful().items()}
+        return self.checkpoints.save(
+            self.state.step, {"student": self.unwrapped_student}, state, _rng_state(),
+            rank=self.accelerator.process_index, is_main=self.accelerator.is_main_process,
+            barrier=self.accelerator.wait_for_everyone,
+        )
+
+    def _resume(self) -> None:
+        resume = self.cfg.train.resume
+        if not resume:
+            return
+        folder = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if folder is None:
+            return  # nothing to resume from: a fresh start
+        models, state, rng = CheckpointManager.load(folder, rank=self.accelerator.process_index)
+        self.unwrapped_student.load_state_dict(models["student"])
+        for name, obj in self._stateful().items():
+            obj.load_state_dict(state[name])
+        if rng is not None:
+            _set_rng_state(rng)
+        if self.accelerator.is_main_process:
+            print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.step}", flush=True)
+
+    def _finish(self) -> dict[str, Any]:
+        cfg, history = self.cfg, self.state.history
+        final = history[-1] if history else {}
+        summary: dict[str, Any] = {f"final_{k}": v for k, v in final.items() if k not in ("epoch", "step")}
+        for metric in ("agree1", "loyalty"):
+            values = [h[metric] for h in history if metric in h]
+            if values:
+                summary[f"best_{metric}"] = max(values)
+        summary.update(stability([h["acc1"] for h in history], [h["epoch"] for h in history], cfg.train.epochs, cfg.eval.stability_from))
+        summary.update(
+            wall_s=self.state.wall_s, synth_s=self.state.synth_s, peak_mem_mb=_peak_memory_mb(self.device),
+            steps=self.state.step, epochs=self.state.epoch, seed=cfg.seed, processes=self.accelerator.num_processes,
+            git_commit=_git_commit(),
+        )
+        if self.accelerator.is_main_process:
+            save_model(self.unwrapped_student, self.output_dir / "student.safetensors", {
+                "arch": cfg.student.arch, "num_classes": self.spec.num_classes, "in_channels": self.spec.in_channels,
+                "image_size": self.spec.image_size, "dataset": self.spec.name,
+                "mean": list(self.normalize.mean.flatten().tolist()), "std": list(self.normalize.std.flatten().tolist()),
+            })
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
+        return summary

@@ -1,0 +1,60 @@
+"""Schedules: pure functions of training progress.
+
+A schedule is built from a recipe spec such as ``{name: cosine, start: 0.1,
+end: 0}`` and is then a plain function ``value(t, total) -> float``. It holds
+no state and reads no global counter: the caller passes ``t`` and ``total``
+(the engine passes epochs, fractional within an epoch). Learning-rate factors,
+loss weights such as CuDFKD's alpha_adv(t) and thresholds such as lambda(t)
+are all schedules.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+
+from dfkd.errors import ConfigError
+from dfkd.registry import Registry
+
+__all__ = ["Schedule", "SCHEDULES", "constant", "linear", "cosine", "multistep"]
+
+Schedule = Callable[[float, float], float]
+"""``value(t, total) -> float``, with ``0 <= t <= total``."""
+
+SCHEDULES: Registry[Callable[..., Schedule]] = Registry("schedules")
+
+
+def _fraction(t: float, total: float) -> float:
+    return min(max(t / total, 0.0), 1.0) if total > 0 else 1.0
+
+
+@SCHEDULES.register("constant")
+def constant(*, value: float = 1.0) -> Schedule:
+    """``value`` throughout."""
+    return lambda t, total: value
+
+
+@SCHEDULES.register("linear")
+def linear(*, start: float = 1.0, end: float = 0.0) -> Schedule:
+    """From ``start`` at ``t = 0`` to ``end`` at ``t = total``, linearly."""
+    return lambda t, total: start + (end - start) * _fraction(t, total)
+
+
+@SCHEDULES.register("cosine")
+def cosine(*, start: float = 1.0, end: float = 0.0) -> Schedule:
+    """Half a cosine from ``start`` at ``t = 0`` to ``end`` at ``t = total`` (SGDR without restarts)."""
+    return lambda t, total: end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * _fraction(t, total)))
+
+
+@SCHEDULES.register("multistep")
+def multistep(*, milestones: list[float], gamma: float = 0.1, start: float = 1.0) -> Schedule:
+    """``start · gamma^k``, where ``k`` counts the milestones already reached (``t >= milestone``).
+
+    Milestones are in the caller's unit of ``t`` (epochs for learning rates),
+    like ``torch.optim.lr_scheduler.MultiStepLR``.
+    """
+    points = sorted(float(m) for m in milestones)
+    if any(m < 0 for m in points):
+        raise ConfigError(f"multistep milestones must be non-negative, got {list(milestones)}.")
+    return lambda t, total: start * gamma ** bisect.bisect_right(points, t)

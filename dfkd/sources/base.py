@@ -1,0 +1,93 @@
+"""The sample-source contract: whatever feeds the student, real or synthetic.
+
+The training loop asks its source for one :class:`Batch` per student step and
+calls the epoch hooks; it never asks what kind of source it has. A source is
+built by name from the recipe's ``source`` spec: the registered factory gets a
+:class:`SourceEnv` positionally and the spec's options as keyword arguments
+(its keyword-only parameters are its recipe schema).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from dfkd.registry import Registry
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from omegaconf import DictConfig
+
+    from dfkd.data import DatasetSpec, ImageDataset
+    from dfkd.data.transforms import Normalize
+
+__all__ = ["Batch", "Context", "SourceEnv", "SampleSource", "SOURCES"]
+
+
+@dataclass
+class Batch:
+    """One student step's inputs, on the device.
+
+    Attributes:
+        x: ``[B, C, H, W]`` normalised inputs (this process's shard).
+        y: ``[B]`` labels, for real data.
+        index: ``[B]`` dataset indices, for real data.
+        teacher_logits: ``[B, K]`` teacher outputs on exactly ``x``, when the
+            source already computed them, so the loop does not run the teacher twice.
+    """
+
+    x: Tensor
+    y: Tensor | None = None
+    index: Tensor | None = None
+    teacher_logits: Tensor | None = None
+
+
+@dataclass
+class Context:
+    """The run's state as the hooks see it."""
+
+    teacher: nn.Module | None
+    student: nn.Module
+    epoch: int  # 0-based index of the current epoch
+    step: int  # optimizer steps taken so far
+    epochs: int
+    steps_per_epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation
+    log: Callable[[str, Any], None] = lambda name, value: None  # scalar logger (main process only)
+
+
+@dataclass
+class SourceEnv:
+    """What the engine hands a source when it builds one."""
+
+    cfg: DictConfig
+    spec: DatasetSpec
+    train_set: Callable[[], ImageDataset]  # lazy: data-free sources never load the training data
+    normalize: Normalize
+    augment: nn.Module
+    accelerator: Accelerator
+    seed: int
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    """Feeds the student. ``state_dict`` holds everything needed to resume exactly."""
+
+    def steps_per_epoch(self) -> int | None:
+        """The natural epoch length in steps (one pass over the data), or ``None`` if there is none."""
+
+    def on_epoch_start(self, ctx: Context) -> None: ...
+
+    def on_epoch_end(self, ctx: Context) -> None: ...
+
+    def next_batch(self, ctx: Context) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+SOURCES: Registry[Callable[..., SampleSource]] = Registry("sources")

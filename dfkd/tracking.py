@@ -1,0 +1,103 @@
+"""Run outputs that are not weights: TensorBoard events, ``metrics.jsonl``, and the progress bar.
+
+Only the main process writes. Scalars are accumulated on the device between
+log points by :class:`Meter`, so the step loop itself never waits for the
+device; one transfer per log point brings the means back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Meter", "RunLogger"]
+
+
+class Meter:
+    """Running sums of scalar tensors on the device, read back once per log interval."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self._count = 0
+
+    def update(self, values: Mapping[str, Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def pop_means(self) -> dict[str, float]:
+        """The means since the last call (one device-to-host transfer), and reset."""
+        if not self._count:
+            return {}
+        names = list(self._sums)
+        means = (torch.stack([self._sums[n] for n in names]) / self._count).tolist()
+        self._sums, self._count = {}, 0
+        return dict(zip(names, means))
+
+
+class RunLogger:
+    """TensorBoard + ``metrics.jsonl`` + tqdm, active on the main process only."""
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, initial_step: int, progress_bar: bool) -> None:
+        self.enabled = enabled
+        self.dir = Path(output_dir)
+        self._writer = None
+        self._bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self._writer = SummaryWriter(log_dir=str(self.dir / "tb"))
+        if progress_bar:
+            interactive = sys.stderr.isatty()
+            self._bar = tqdm(
+                total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.1 if interactive else 30.0,  # a log file gets a line every 30 s, not every step
+            )
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self._writer is None:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+
+    def histogram(self, name: str, values: Tensor, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_histogram(name, values.detach().float().cpu(), step)
+
+    def images(self, name: str, grid: Tensor, step: int) -> None:
+        """Log a ``[3, H, W]`` image grid in ``[0, 1]``."""
+        if self._writer is not None:
+            self._writer.add_image(name, grid.detach().float().cpu().clamp(0, 1), step)
+
+    def record(self, entry: Mapping[str, Any]) -> None:
+        """Append one evaluation to ``metrics.jsonl``."""
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+
+    def progress(self, n: int = 1, **postfix: float) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
