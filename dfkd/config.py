@@ -69,6 +69,9 @@ class ModelConfig:
 
     arch: str = "???"
     checkpoint: Optional[str] = None  # .safetensors, or a torch state dict (loaded with weights_only=True)
+    # A recipe that produces `checkpoint` (as its output_dir's student.safetensors) when the file
+    # does not exist yet: the run trains its own teacher first, or reuses it.
+    recipe: Optional[str] = None
 
 
 @dataclass
@@ -79,7 +82,7 @@ class LossConfig:
     e.g. ``{ce: 1.0}`` to train a teacher or ``{ce: 0.1, kd: 0.9}`` for Hinton KD.
     """
 
-    terms: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+    terms: Optional[dict[str, float]] = None  # default {ce: 1.0}
     temperature: float = 4.0  # T of the kd term
     label_smoothing: float = 0.0  # of the ce term
 
@@ -95,8 +98,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam(w) only
     weight_decay: float = 5e-4
     # A schedule of dfkd.policies.schedules, evaluated in epochs (fractional) and
-    # multiplied into lr: e.g. {name: cosine} or {name: multistep, milestones: [100, 150]}.
-    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "cosine"})
+    # multiplied into lr: e.g. {name: cosine} (the default) or {name: multistep, milestones: [100, 150]}.
+    schedule: Optional[dict[str, Any]] = None
     warmup_epochs: float = 0.0  # linear warm-up before the schedule, in epochs
     grad_clip: Optional[float] = None  # max global grad norm
 
@@ -133,8 +136,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: Optional[ModelConfig] = None
-    source: dict[str, Any] = field(default_factory=lambda: {"name": "real", "batch_size": 128})
+    source: Optional[dict[str, Any]] = None  # default {name: real}
+    # What synthesizes samples for the generator and pool sources: {name, generator, terms, **options}.
+    synthesizer: Optional[dict[str, Any]] = None
     loss: LossConfig = field(default_factory=LossConfig)
+    # Per-sample weights of the student loss: {name: uniform} (the default) or self-paced {name: log, threshold: ...}.
+    weighting: Optional[dict[str, Any]] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -278,18 +285,19 @@ def _expected_type(exc: ValidationError) -> str:
 # --------------------------------------------------------------------------- component specs
 
 
-def component_schema(factory: Callable[..., Any]) -> type:
+def component_schema(factory: Callable[..., Any], reserved: Sequence[str] = ()) -> type:
     """A dataclass of ``factory``'s keyword-only parameters: the options a recipe may set.
 
     Positional parameters are what the engine injects (a dataset, a model);
     keyword-only parameters, with their annotations and defaults, are the
-    component's recipe options.
+    component's recipe options, except the ``reserved`` ones the engine sets
+    itself (a generator's image size, say).
     """
     target = factory.__init__ if inspect.isclass(factory) else factory
     hints = typing.get_type_hints(target)
     specs = []
     for param in inspect.signature(target).parameters.values():
-        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY or param.name in reserved:
             continue
         tp = hints.get(param.name, Any)
         default = param.default
@@ -303,8 +311,11 @@ def component_schema(factory: Callable[..., Any]) -> type:
     return dataclasses.make_dataclass(f"{name}_options", specs)
 
 
-def check_component(registry: Registry, spec: Any, path: str) -> DictConfig:
-    """Validate a ``{name: ..., **options}`` spec against ``registry``; return it with defaults filled in."""
+def check_component(registry: Registry, spec: Any, path: str, reserved: Sequence[str] = ()) -> DictConfig:
+    """Validate a ``{name: ..., **options}`` spec against ``registry``; return it with defaults filled in.
+
+    ``reserved`` options are set by the engine and may not appear in the spec.
+    """
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping) or "name" not in spec:
@@ -313,7 +324,7 @@ def check_component(registry: Registry, spec: Any, path: str) -> DictConfig:
     name = spec["name"]
     if name not in registry:
         raise ConfigError(f"{path}.name: {registry.unknown_message(name)}")
-    schema = component_schema(registry.get(name))
+    schema = component_schema(registry.get(name), reserved)
     valid = [f.name for f in dataclasses.fields(schema)]
     for key in options:
         if key not in valid:
@@ -328,14 +339,33 @@ def check_component(registry: Registry, spec: Any, path: str) -> DictConfig:
     return OmegaConf.create({"name": name, **OmegaConf.to_container(merged)})
 
 
+# Component specs are replaced, not merged, by a recipe: their defaults are filled in only where
+# the merged config leaves them unset (a schema default would otherwise merge into the recipe's
+# spec and leak options of another component into it).
+_COMPONENT_DEFAULTS = {
+    "source": {"name": "real"},
+    "loss.terms": {"ce": 1.0},
+    "optim.schedule": {"name": "cosine"},
+    "weighting": {"name": "uniform"},
+}
+
+
 def _check_components(cfg: DictConfig) -> None:
     """Check every registry name and component spec, so a typo fails before any work starts."""
+    for key, default in _COMPONENT_DEFAULTS.items():
+        current = OmegaConf.select(cfg, key)
+        if current is None:
+            OmegaConf.update(cfg, key, default, merge=False)
+        elif "name" in default and isinstance(current, DictConfig) and "name" not in current:
+            OmegaConf.update(cfg, key, {**default, **OmegaConf.to_container(current)}, merge=False)
     from dfkd.data import DATASETS
     from dfkd.losses import STUDENT_LOSSES
     from dfkd.models import list_models
     from dfkd.optim import OPTIMIZERS
     from dfkd.policies.schedules import SCHEDULES
+    from dfkd.policies.weighting import WEIGHTINGS, build_weighting
     from dfkd.sources import SOURCES
+    from dfkd.synthesis import check_synthesizer
 
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name: {DATASETS.unknown_message(cfg.data.name)}")
@@ -365,3 +395,7 @@ def _check_components(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be at least {low}, got {OmegaConf.select(cfg, key)}.")
     cfg.optim.schedule = check_component(SCHEDULES, cfg.optim.schedule, "optim.schedule")
     cfg.source = check_component(SOURCES, cfg.source, "source")
+    cfg.weighting = check_component(WEIGHTINGS, cfg.weighting, "weighting")
+    build_weighting(cfg.weighting)  # also checks the nested threshold schedule
+    if cfg.synthesizer is not None:
+        cfg.synthesizer = check_synthesizer(cfg.synthesizer)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dfkd.checkpoint import CheckpointManager, load_weights, save_model
-from dfkd.config import save_config
+from dfkd.config import load_config, save_config
 from dfkd.data import DatasetSpec, build_dataset
 from dfkd.data.transforms import Normalize, build_augmentation, to_unit
 from dfkd.errors import ConfigError, DfkdError, NonFiniteLossError
@@ -35,6 +35,7 @@ from dfkd.losses import StudentLoss
 from dfkd.metrics import per_sample_metrics, stability, summarize
 from dfkd.models import create_model
 from dfkd.optim import build_lr_scheduler, build_optimizer
+from dfkd.policies.weighting import build_weighting
 from dfkd.sources import SOURCES, Batch, Context, SampleSource, SourceEnv
 from dfkd.tracking import Meter, RunLogger
 
@@ -73,6 +74,34 @@ def build_model(cfg: DictConfig, spec: DatasetSpec, role: str) -> nn.Module:
     if cfg.checkpoint:
         load_weights(model, cfg.checkpoint, what=f"{role} checkpoint")
     return model
+
+
+def ensure_teacher(cfg: DictConfig) -> None:
+    """Train the teacher first when the recipe names a ``teacher.recipe`` and its checkpoint is missing.
+
+    The teacher recipe runs with ``output_dir`` set to the checkpoint's folder
+    (whose file must be that run's ``student.safetensors``), so a second run of
+    the same recipe reuses the teacher instead of training it again.
+    """
+    teacher = cfg.teacher
+    if teacher is None or not teacher.recipe:
+        return
+    if not teacher.checkpoint:
+        raise ConfigError("teacher.recipe needs teacher.checkpoint: the path the teacher run will write.")
+    checkpoint = Path(teacher.checkpoint)
+    if checkpoint.is_file():
+        return
+    if checkpoint.name != "student.safetensors":
+        raise ConfigError(
+            f"teacher.checkpoint {str(checkpoint)!r} is missing and would be produced by teacher.recipe, which "
+            "writes <output_dir>/student.safetensors: point teacher.checkpoint at such a file."
+        )
+    teacher_cfg = load_config(teacher.recipe, [f"output_dir={checkpoint.parent}", "train.resume=auto"])
+    if teacher_cfg.student.arch != teacher.arch:
+        raise ConfigError(
+            f"teacher.recipe trains {teacher_cfg.student.arch!r} but teacher.arch is {teacher.arch!r}."
+        )
+    Trainer(teacher_cfg).fit()
 
 
 def build_normalize(cfg: DictConfig, spec: DatasetSpec) -> Normalize:
@@ -181,10 +210,11 @@ class Trainer:
     def __init__(self, cfg: DictConfig, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
         self.accelerator = accelerator or make_accelerator(cfg)
-        set_seed(cfg.seed, device_specific=True)
         self.device = self.accelerator.device
         self.output_dir = Path(cfg.output_dir)
         self._prepare_output_dir()
+        ensure_teacher(cfg)  # before seeding, so a reused and a freshly trained teacher give the same run
+        set_seed(cfg.seed, device_specific=True)
 
         data = cfg.data
         self.spec, test_set = build_dataset(
@@ -202,10 +232,11 @@ class Trainer:
         self.loss = StudentLoss(cfg.loss.terms, cfg.loss.label_smoothing)
         if self.loss.needs_teacher and self.teacher is None:
             raise ConfigError(f"loss.terms {list(cfg.loss.terms)} need a teacher, but the recipe has no 'teacher' section.")
+        self.weighting = build_weighting(cfg.weighting)
 
         env = SourceEnv(
             cfg=cfg, spec=self.spec, train_set=self._train_set, normalize=self.normalize, augment=augment,
-            accelerator=self.accelerator, seed=cfg.seed,
+            accelerator=self.accelerator, seed=cfg.seed, teacher=self.teacher,
         )
         options = OmegaConf.to_container(cfg.source)
         self.source: SampleSource = SOURCES.get(options.pop("name"))(env, **options)
@@ -221,7 +252,8 @@ class Trainer:
 
         self.state = RunState()
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-        self._nonfinite: Tensor | None = None  # device flags of terms that went non-finite since the last check
+        self._last_per_sample: dict[str, Tensor] = {}  # the last step's per-sample loss and weights, for histograms
+        self._samples_since_log = 0
 
     # -- setup helpers
 
@@ -272,13 +304,17 @@ class Trainer:
         )
         meter = Meter()
         started, wall_before = time.perf_counter(), self.state.wall_s
+        self._log_clock = (time.perf_counter(), self._synth_counters())
         try:
             for epoch in range(self.state.epoch, cfg.train.epochs):
                 ctx = self.context(epoch)
                 self.source.on_epoch_start(ctx)
                 for _ in range(self.state.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                     ctx.step = self.state.step
-                    meter.update(self.train_step(self.source.next_batch(ctx)))
+                    batch = self.source.next_batch(ctx)
+                    meter.update(batch.metrics)
+                    meter.update(self.train_step(batch))
+                    self._samples_since_log += len(batch.x)
                     self.state.step += 1
                     if self.state.step % cfg.train.log_every == 0:
                         self._log_training(meter)
@@ -286,6 +322,7 @@ class Trainer:
                 self.source.on_epoch_end(ctx)
                 self.state.epoch = epoch + 1
                 self._log_training(meter)
+                self._log_images()
                 self.state.wall_s = wall_before + time.perf_counter() - started
                 last = self.state.epoch == cfg.train.epochs
                 if self.state.epoch % cfg.train.eval_every == 0 or last:
@@ -306,7 +343,8 @@ class Trainer:
                 with torch.no_grad():
                     t_logits = self.teacher(batch.x)
             per_sample, raw = self.loss(s_logits, t_logits, batch.y, self.cfg.loss.temperature)
-            loss = per_sample.mean()
+        weights, weighting_logs = self.weighting(per_sample, self.state.step / self.steps_per_epoch, self.cfg.train.epochs)
+        loss = per_sample.mean() if weights is None else (weights * per_sample).mean()
         self.accelerator.backward(loss)
         if self.cfg.optim.grad_clip:
             self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.optim.grad_clip)
@@ -314,10 +352,13 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        terms = {"loss": loss.detach()}
+        terms = {"loss": loss.detach(), **weighting_logs}
         for name, value in raw.items():
             terms[f"student/{name}"] = value.detach().mean()
             terms[f"student/{name}_weighted"] = self.loss.weights[name] * terms[f"student/{name}"]
+        self._last_per_sample = {"loss": per_sample.detach()}
+        if weights is not None:
+            self._last_per_sample["weight"] = weights
         return terms
 
     # -- logging, evaluation, checkpoints
@@ -335,8 +376,33 @@ class Trainer:
                 "lower the learning rate or the offending term's weight, then resume with train.resume=auto."
             )
         means["lr"] = self.scheduler.get_last_lr()[0]
+        now, synth = time.perf_counter(), self._synth_counters()
+        then, synth_before = self._log_clock
+        if now > then:
+            means["train/samples_per_s"] = self._samples_since_log * self.accelerator.num_processes / (now - then)
+        if synth[0] > synth_before[0]:
+            means["synth/images_per_s"] = (synth[1] - synth_before[1]) * self.accelerator.num_processes / (synth[0] - synth_before[0])
+        self._log_clock, self._samples_since_log = (now, synth), 0
         self.logger.scalars(means, self.state.step)
+        for name, values in self._last_per_sample.items():
+            self.logger.histogram(f"per_sample/{name}", values, self.state.step)
         self.logger.progress(0, loss=means["loss"])
+
+    def _synth_counters(self) -> tuple[float, int]:
+        """(seconds spent synthesising, images synthesised) so far, for sources that synthesise."""
+        return float(getattr(self.source, "synth_seconds", 0.0)), int(getattr(self.source, "synth_images", 0))
+
+    def _log_images(self, n: int = 64) -> None:
+        """An image grid of the source's samples, once per epoch, where the source can show them."""
+        preview = getattr(self.source, "preview", None)
+        if preview is None or not self.accelerator.is_main_process:
+            return
+        from torchvision.utils import make_grid
+
+        images = preview(n).detach().float().cpu()
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        self.logger.images("synthetic", make_grid(images, nrow=8, padding=1), self.state.step)
 
     def _evaluate_and_record(self) -> None:
         metrics = evaluate(self.student, self.eval_loader, self.normalize, self.accelerator, self.teacher)
@@ -348,10 +414,15 @@ class Trainer:
     def _stateful(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer, "scheduler": self.scheduler, "source": self.source, "run": self.state}
 
+    def _checkpoint_modules(self) -> dict[str, nn.Module]:
+        extra = getattr(self.source, "checkpoint_modules", None)
+        return {"student": self.unwrapped_student, **(extra() if extra is not None else {})}
+
     def _save_checkpoint(self) -> Path:
+        self.state.synth_s = float(getattr(self.source, "synth_seconds", 0.0))
         state = {name: obj.state_dict() for name, obj in self._stateful().items()}
         return self.checkpoints.save(
-            self.state.step, {"student": self.unwrapped_student}, state, _rng_state(),
+            self.state.step, self._checkpoint_modules(), state, _rng_state(),
             rank=self.accelerator.process_index, is_main=self.accelerator.is_main_process,
             barrier=self.accelerator.wait_for_everyone,
         )
@@ -364,7 +435,8 @@ class Trainer:
         if folder is None:
             return  # nothing to resume from: a fresh start
         models, state, rng = CheckpointManager.load(folder, rank=self.accelerator.process_index)
-        self.unwrapped_student.load_state_dict(models["student"])
+        for name, module in self._checkpoint_modules().items():
+            module.load_state_dict(models[name])
         for name, obj in self._stateful().items():
             obj.load_state_dict(state[name])
         if rng is not None:
@@ -381,6 +453,7 @@ class Trainer:
             if values:
                 summary[f"best_{metric}"] = max(values)
         summary.update(stability([h["acc1"] for h in history], [h["epoch"] for h in history], cfg.train.epochs, cfg.eval.stability_from))
+        self.state.synth_s = float(getattr(self.source, "synth_seconds", 0.0))
         summary.update(
             wall_s=self.state.wall_s, synth_s=self.state.synth_s, peak_mem_mb=_peak_memory_mb(self.device),
             steps=self.state.step, epochs=self.state.epoch, seed=cfg.seed, processes=self.accelerator.num_processes,
@@ -392,6 +465,9 @@ class Trainer:
                 "image_size": self.spec.image_size, "dataset": self.spec.name,
                 "mean": list(self.normalize.mean.flatten().tolist()), "std": list(self.normalize.std.flatten().tolist()),
             })
+            for name, module in self._checkpoint_modules().items():
+                if name != "student":
+                    save_model(module, self.output_dir / f"{name}.safetensors", {"dataset": self.spec.name})
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         return summary

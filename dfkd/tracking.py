@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,33 +18,77 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Meter", "RunLogger"]
+__all__ = ["Meter", "RunLogger", "Stopwatch"]
 
 
 class Meter:
-    """Running sums of scalar tensors on the device, read back once per log interval."""
+    """Running sums of scalar tensors on the device, read back once per log interval.
+
+    Each name is averaged over the updates that carried it, so a value logged
+    every fifth step (a synthesis term) is not diluted by the other four.
+    """
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}
 
     def update(self, values: Mapping[str, Tensor]) -> None:
         for name, value in values.items():
             value = value.detach().float()
             self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
-        self._count += 1
+            self._counts[name] = self._counts.get(name, 0) + 1
 
     def __len__(self) -> int:
-        return self._count
+        return max(self._counts.values(), default=0)
 
     def pop_means(self) -> dict[str, float]:
         """The means since the last call (one device-to-host transfer), and reset."""
-        if not self._count:
+        if not self._sums:
             return {}
         names = list(self._sums)
-        means = (torch.stack([self._sums[n] for n in names]) / self._count).tolist()
-        self._sums, self._count = {}, 0
+        counts = torch.tensor([self._counts[n] for n in names], dtype=torch.float32)
+        means = (torch.stack([self._sums[n] for n in names]).cpu() / counts).tolist()
+        self._sums, self._counts = {}, {}
         return dict(zip(names, means))
+
+
+class Stopwatch:
+    """Accumulated wall time of code blocks, without host syncs on CUDA.
+
+    On CUDA each block records a pair of events, resolved only when
+    :attr:`seconds` is read (at log time, when the host waits anyway); on the
+    CPU it uses ``time.perf_counter``.
+    """
+
+    def __init__(self, device: torch.device, seconds: float = 0.0) -> None:
+        self.cuda = device.type == "cuda"
+        self._seconds = seconds
+        self._pending: list[tuple[Any, Any]] = []
+        self._start: Any = None
+
+    def __enter__(self) -> Stopwatch:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._start, end))
+        else:
+            self._seconds += time.perf_counter() - self._start
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._pending:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1000.0
+        self._pending = []
+        return self._seconds
 
 
 class RunLogger:

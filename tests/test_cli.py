@@ -35,12 +35,12 @@ def _assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> N
 
 
 def test_bad_key_exits_with_the_suggestion(tmp_path):
-    _assert_clean_error(_run("train", "recipes/quickstart.yaml", "train.epoch=3", f"output_dir={tmp_path}"),
+    _assert_clean_error(_run("train", "recipes/procedural/teacher_resnet20.yaml", "train.epoch=3", f"output_dir={tmp_path}"),
                         "'train.epoch'", "Did you mean 'train.epochs'")
 
 
 def test_wrong_type_exits_naming_key_type_and_value(tmp_path):
-    _assert_clean_error(_run("train", "recipes/quickstart.yaml", "optim.lr=fast", f"output_dir={tmp_path}"),
+    _assert_clean_error(_run("train", "recipes/procedural/teacher_resnet20.yaml", "optim.lr=fast", f"output_dir={tmp_path}"),
                         "'optim.lr'", "float", "'fast'")
 
 
@@ -51,7 +51,7 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
     save_model(create_model("resnet8", num_classes=10), tmp_path / "wrong.safetensors")
-    proc = _run("train", "recipes/quickstart.yaml", *TINY, "teacher.arch=resnet20",
+    proc = _run("train", "recipes/procedural/teacher_resnet20.yaml", *TINY, "teacher.arch=resnet20",
                 f"teacher.checkpoint={tmp_path / 'wrong.safetensors'}", "loss.terms={kd: 1.0}", f"output_dir={tmp_path / 'run'}")
     _assert_clean_error(proc, "teacher checkpoint", "missing keys", "layer1.1.conv1.weight")
 
@@ -64,7 +64,7 @@ def test_a_teacher_for_another_class_count_is_named(tmp_path):
 
 def test_train_then_eval_prints_json(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "recipes/quickstart.yaml", *TINY, f"output_dir={run}"]) == 0
+    assert main(["train", "recipes/procedural/teacher_resnet20.yaml", *TINY, f"output_dir={run}"]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["output_dir"] == str(run) and "final_acc1" in trained
 
@@ -93,7 +93,7 @@ def test_accelerate_launch_runs_the_same_cli(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [str(launcher), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "dfkd", "train", "recipes/quickstart.yaml", *TINY, f"output_dir={tmp_path / 'run'}"],
+         "--dynamo_backend", "no", "-m", "dfkd", "train", "recipes/procedural/teacher_resnet20.yaml", *TINY, f"output_dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dfkd.errors import ConfigError
 from dfkd.registry import Registry
 
-__all__ = ["Schedule", "SCHEDULES", "constant", "linear", "cosine", "multistep"]
+__all__ = ["Schedule", "SCHEDULES", "affine", "constant", "cosine", "linear", "multistep", "piecewise", "build_schedule"]
 
 Schedule = Callable[[float, float], float]
 """``value(t, total) -> float``, with ``0 <= t <= total``."""
@@ -58,3 +58,48 @@ def multistep(*, milestones: list[float], gamma: float = 0.1, start: float = 1.0
     if any(m < 0 for m in points):
         raise ConfigError(f"multistep milestones must be non-negative, got {list(milestones)}.")
     return lambda t, total: start * gamma ** bisect.bisect_right(points, t)
+
+
+@SCHEDULES.register("affine")
+def affine(*, start: float = 0.0, slope: float = 0.0) -> Schedule:
+    """``start + slope · t``, unbounded: CuDFKD's threshold ``lambda(t) = lambda_0 + a·t``."""
+    return lambda t, total: start + slope * t
+
+
+@SCHEDULES.register("piecewise")
+def piecewise(*, start: float = 0.0, slope: float = 0.5, k_begin: float = 0.2, k_end: float = 0.8) -> Schedule:
+    """CuDFKD's ``alpha_adv(t)``: flat, then a linear ramp, then flat at the ramp's end value.
+
+    ``start`` up to ``k_begin · total``; then ``start + slope · (t - k_begin · total)``
+    up to ``k_end · total``; then constant. With ``t`` in epochs this is what the
+    public CuDFKD code does by adding ``slope`` (its ``grad_adv``) to the weight
+    once per epoch inside the window. (The paper's eq. 17 writes the ramp as
+    ``alpha · t``, which would jump at ``k_begin · N``; the code's continuous ramp
+    is used.)
+    """
+    if not 0.0 <= k_begin <= k_end <= 1.0:
+        raise ConfigError(f"piecewise needs 0 <= k_begin <= k_end <= 1, got k_begin={k_begin}, k_end={k_end}.")
+
+    def value(t: float, total: float) -> float:
+        ramp = min(max(t, k_begin * total), k_end * total) - k_begin * total
+        return start + slope * ramp
+
+    return value
+
+
+def build_schedule(spec: float | int | dict, path: str) -> Schedule:
+    """A schedule from a recipe value: a number (constant) or a ``{name: ..., **options}`` spec.
+
+    Raises:
+        ConfigError: naming ``path`` when the spec is invalid.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    from dfkd.config import check_component
+
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, dict, DictConfig)):
+        raise ConfigError(f"{path} must be a number or a schedule {{name: ..., ...}}, got {spec!r}.")
+    if isinstance(spec, (int, float)):
+        return constant(value=float(spec))
+    options = OmegaConf.to_container(check_component(SCHEDULES, spec, path))
+    return SCHEDULES.get(options.pop("name"))(**options)

@@ -37,12 +37,14 @@ class Batch:
         index: ``[B]`` dataset indices, for real data.
         teacher_logits: ``[B, K]`` teacher outputs on exactly ``x``, when the
             source already computed them, so the loop does not run the teacher twice.
+        metrics: device scalars the source wants logged with this step (synthesis terms).
     """
 
     x: Tensor
     y: Tensor | None = None
     index: Tensor | None = None
     teacher_logits: Tensor | None = None
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,11 +72,17 @@ class SourceEnv:
     augment: nn.Module
     accelerator: Accelerator
     seed: int
+    teacher: nn.Module | None = None  # frozen, in eval mode, never wrapped for data parallelism
 
 
 @runtime_checkable
 class SampleSource(Protocol):
-    """Feeds the student. ``state_dict`` holds everything needed to resume exactly."""
+    """Feeds the student. ``state_dict`` holds everything needed to resume exactly.
+
+    Optional extras the loop uses when a source has them: ``preview(n)`` (images
+    in [0, 1] for the per-epoch grid), ``synth_seconds`` (time spent
+    synthesising) and ``checkpoint_modules()`` (networks saved as safetensors).
+    """
 
     def steps_per_epoch(self) -> int | None:
         """The natural epoch length in steps (one pass over the data), or ``None`` if there is none."""

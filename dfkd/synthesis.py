@@ -1,0 +1,152 @@
+"""From a recipe's ``synthesizer`` section to a working synthesizer and its term-weight schedules.
+
+The section reads::
+
+    synthesizer:
+      name: generative                  # a key of generators.synthesizers.SYNTHESIZERS
+      generator: {name: dcgan, nz: 256} # a key of generators.networks.GENERATORS, with options
+      terms:                            # term -> weight, or {weight: ..., **term options}
+        bn: 1.0
+        oh: 1.0
+        adv: {weight: {name: piecewise, slope: 0.5, k_begin: 0.2, k_end: 0.8}, divergence: kl, temperature: 3, mask: true}
+      g_steps: 1                        # the synthesizer's own options
+      lr: 1.0e-3
+
+A weight is a number or a schedule of :mod:`dfkd.policies.schedules`, which
+the sample source evaluates (in epochs) before every synthesis step: the
+synthesizer itself knows nothing about time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dfkd.config import check_component
+from dfkd.errors import ConfigError
+from dfkd.policies.schedules import Schedule, build_schedule
+from generators.networks import GENERATORS
+from generators.synthesizers import SYNTHESIZERS, Synthesizer
+from generators.terms import TERMS, Term
+
+__all__ = ["check_synthesizer", "build_synthesizer", "BuiltSynthesizer"]
+
+_GENERATOR_RESERVED = ("image_size", "channels")
+_NESTED = ("generator", "terms")
+
+
+def _plain(spec: Any) -> Any:
+    return OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec
+
+
+def _split_term(name: str, value: Any, path: str) -> tuple[Any, dict[str, Any]]:
+    """``(weight, options)`` of one entry of ``terms``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), {}
+    if isinstance(value, Mapping) and "weight" in value:
+        options = {k: v for k, v in value.items() if k != "weight"}
+        return value["weight"], options
+    raise ConfigError(
+        f"{path}.{name} must be a weight (a number or a schedule under 'weight'), e.g. {name}: 1.0 or "
+        f"{name}: {{weight: {{name: linear, start: 0, end: 1}}, ...options}}; got {value!r}."
+    )
+
+
+def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
+    """Validate the section without building anything heavy; return it with every default filled in."""
+    spec = _plain(spec)
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(f"{path} must be a mapping with a 'name' from the synthesizers registry, got {spec!r}.")
+    options = {k: v for k, v in spec.items() if k not in _NESTED}
+    checked = OmegaConf.to_container(check_component(SYNTHESIZERS, options, path))
+    cls = SYNTHESIZERS.get(spec["name"])
+    wants_generator = "generator" in _positional_parameters(cls)
+    if wants_generator and "generator" not in spec:
+        raise ConfigError(f"{path}: the {spec['name']!r} synthesizer needs a generator, e.g. generator: {{name: dcgan}}.")
+    if "generator" in spec:
+        if not wants_generator:
+            raise ConfigError(f"{path}: the {spec['name']!r} synthesizer takes no generator; remove {path}.generator.")
+        checked["generator"] = OmegaConf.to_container(
+            check_component(GENERATORS, spec["generator"], f"{path}.generator", reserved=_GENERATOR_RESERVED)
+        )
+    terms = spec.get("terms") or {}
+    if not isinstance(terms, Mapping) or not terms:
+        raise ConfigError(f"{path}.terms must map at least one term of {TERMS.names()} to its weight.")
+    checked["terms"] = {}
+    for name, value in terms.items():
+        weight, term_options = _split_term(name, value, f"{path}.terms")
+        build_schedule(weight, f"{path}.terms.{name}.weight")
+        full = OmegaConf.to_container(check_component(TERMS, {"name": name, **term_options}, f"{path}.terms.{name}"))
+        full.pop("name")
+        checked["terms"][name] = {"weight": weight, **full}
+    return OmegaConf.create(checked)
+
+
+def _positional_parameters(cls: type) -> list[str]:
+    import inspect
+
+    return [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "self"
+    ]
+
+
+@dataclass
+class BuiltSynthesizer:
+    """A synthesizer and the schedule of each of its term weights."""
+
+    synthesizer: Synthesizer
+    schedules: dict[str, Schedule]
+    generator: nn.Module | None
+
+    def weights(self, t: float, total: float) -> dict[str, float]:
+        """Every term's weight at progress ``t`` of ``total`` (epochs)."""
+        return {name: schedule(t, total) for name, schedule in self.schedules.items()}
+
+
+def build_synthesizer(
+    spec: Any,
+    *,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    normalize: Callable,
+    denormalize: Callable,
+    teacher: nn.Module,
+    feature_module: nn.Module | None,
+    device: Any,
+    batch_size: int,
+) -> BuiltSynthesizer:
+    """Build the section ``spec`` (validated by :func:`check_synthesizer`) and attach it to ``teacher``.
+
+    Args:
+        batch_size: this process's synthesis batch (the caller derives it from the
+            spec's global ``batch_size``, or the source's, and the process count).
+    """
+    spec = OmegaConf.to_container(check_synthesizer(spec))
+    name = spec.pop("name")
+    generator = None
+    if "generator" in spec:
+        gen_spec = spec.pop("generator")
+        generator = GENERATORS.get(gen_spec.pop("name"))(image_size=image_size, channels=channels, **gen_spec).to(device)
+    terms: dict[str, Term] = {}
+    schedules: dict[str, Schedule] = {}
+    for term_name, options in spec.pop("terms").items():
+        schedules[term_name] = build_schedule(options.pop("weight"), f"synthesizer.terms.{term_name}.weight")
+        terms[term_name] = TERMS.get(term_name)(**options).to(device)
+    spec["batch_size"] = batch_size
+    kwargs: dict[str, Any] = dict(terms=terms, normalize=normalize, denormalize=denormalize, num_classes=num_classes)
+    if generator is not None:
+        kwargs["generator"] = generator
+    try:
+        synthesizer = SYNTHESIZERS.get(name)(**kwargs, **spec)
+    except ValueError as exc:
+        raise ConfigError(f"synthesizer: {exc}") from None
+    synthesizer.to(device)
+    synthesizer.attach(teacher, feature_module=feature_module)
+    return BuiltSynthesizer(synthesizer, schedules, generator)

@@ -1,0 +1,239 @@
+"""Synthesizers: turn a teacher (and a student) into training samples.
+
+A synthesizer owns the thing being optimised (a generator network, or pixels)
+and the loss terms. ``step(teacher, student, weights)`` performs its updates
+with the term weights handed in for this step (schedules are the engine's
+business; the synthesizer knows nothing about time) and returns every term,
+raw and weighted. ``sample(n)`` draws ``n`` normalised samples without
+gradients; ``preview(n)`` draws them in ``[0, 1]`` for image grids.
+
+Only the optimised parameters receive gradients: the backward pass is
+restricted to them (``backward(inputs=...)``), so the teacher's and the
+student's weights get no stray gradients during synthesis and no time is
+spent computing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from generators.registry import Registry
+from generators.terms import SynthBatch, Term
+
+__all__ = ["Synthesizer", "SYNTHESIZERS", "GenerativeSynthesizer"]
+
+SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("synthesizers")
+
+Normalize = Callable[[Tensor], Tensor]
+
+
+class Synthesizer(nn.Module):
+    """What every synthesizer shares: the terms, their hooks, and the weighted loss of one batch.
+
+    Args:
+        terms: term name → term; a state-holding term (a projection head, a
+            memory bank) is a submodule, so it is checkpointed with the synthesizer.
+        normalize: maps images in ``[0, 1]`` to the teacher's input space.
+        denormalize: the inverse, for previews.
+        num_classes: the teacher's class count, for sampled targets.
+        targets: ``argmax`` (the ``oh`` term uses the teacher's own argmax) or
+            ``random`` (uniformly sampled targets, DeepInversion and CMI).
+    """
+
+    TARGETS = ("argmax", "random")
+
+    def __init__(
+        self, terms: Mapping[str, Term], normalize: Normalize, denormalize: Normalize, num_classes: int, targets: str
+    ) -> None:
+        super().__init__()
+        if targets not in self.TARGETS:
+            raise ValueError(f"targets must be one of {', '.join(self.TARGETS)}, got {targets!r}")
+        self.terms = nn.ModuleDict(dict(terms))
+        self.normalize = normalize
+        self.denormalize = denormalize
+        self.num_classes = num_classes
+        self.targets = targets
+
+    @property
+    def needs_student(self) -> bool:
+        return any(term.needs_student for term in self.terms.values())
+
+    def attach(self, teacher: nn.Module, *, feature_module: nn.Module | None = None) -> None:
+        """Place the terms' hooks on ``teacher``."""
+        for term in self.terms.values():
+            term.attach(teacher, feature_module=feature_module)
+
+    def close(self) -> None:
+        """Remove every hook; the teacher is left as it was found."""
+        for term in self.terms.values():
+            term.close()
+
+    def draw_targets(self, n: int, device: torch.device) -> Tensor | None:
+        if self.targets == "random":
+            return torch.randint(0, self.num_classes, (n,), device=device)
+        return None
+
+    def losses(
+        self,
+        x: Tensor,
+        teacher: nn.Module,
+        student: nn.Module | None,
+        weights: Mapping[str, float],
+        targets: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor], SynthBatch]:
+        """The weighted total and every term raw and weighted, for normalised images ``x [B, C, H, W]``.
+
+        Returns:
+            ``(total, logs, batch)``: ``total`` is a differentiable scalar; ``logs``
+            holds detached scalars ``<term>`` and ``<term>_weighted``; ``batch``
+            is what the terms saw (images and logits).
+        """
+        missing = [name for name in self.terms if name not in weights]
+        if missing:
+            raise KeyError(f"no weight given for the terms {missing}")
+        with contextlib.ExitStack() as stack:
+            for term in self.terms.values():
+                stack.enter_context(term.capturing())
+            t_logits = teacher(x)
+        s_logits = student(x) if self.needs_student and student is not None else None
+        batch = SynthBatch(x=x, teacher=t_logits, student=s_logits, targets=targets)
+        total = torch.zeros((), device=x.device)
+        logs: dict[str, Tensor] = {}
+        for name, term in self.terms.items():
+            raw = term(batch)
+            weighted = weights[name] * raw
+            total = total + weighted
+            logs[name], logs[f"{name}_weighted"] = raw.detach(), weighted.detach()
+        logs["loss"] = total.detach()
+        return total, logs, batch
+
+    def step(self, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor | None]:
+        """``n`` normalised samples ``[n, C, H, W]`` without gradients, and the teacher's logits on
+        exactly those samples when the synthesizer already has them (else ``None``)."""
+        raise NotImplementedError
+
+    def preview(self, n: int) -> Tensor:
+        """``n`` samples in ``[0, 1]``, ``[n, C, H, W]``, for image grids."""
+        return self.denormalize(self.sample(n)[0]).clamp(0, 1)
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module | None):
+    """Put modules in eval mode for the block, then restore each one's mode."""
+    present = [m for m in modules if m is not None]
+    modes = [m.training for m in present]
+    for m in present:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(present, modes):
+            m.train(mode)
+
+
+@SYNTHESIZERS.register("generative")
+class GenerativeSynthesizer(Synthesizer):
+    """One generator trained jointly with the student (DAFL, ZSKT, DFAD, DFQ, CuDFKD).
+
+    Each :meth:`step` takes ``g_steps`` Adam steps on the generator, each on a
+    fresh batch ``x = G(z)``, ``z ~ N(0, I)``. The teacher and the student stay
+    in eval mode meanwhile, so synthetic batches never move their BN statistics.
+
+    Where the student's samples come from is ``sample_from``:
+
+    - ``eval``: fresh noise through the generator in eval mode (the CMI and CuDFKD code);
+    - ``train``: fresh noise, generator in train mode (batch statistics; DFAD, ZSKT);
+    - ``last``: the batch of the last generator update, with the teacher's
+      logits from that update, so the teacher is not run on it twice (DAFL
+      trains the student on the generator's own batch).
+
+    Args:
+        generator: maps ``[B, nz]`` noise to images; its ``output_range`` says
+            whether they are in ``[0, 1]`` (normalised here) or already normalised.
+        terms, normalize, denormalize, num_classes, targets: see :class:`Synthesizer`.
+        batch_size: synthesis batch of this process (the engine fills it in from the
+            recipe's global batch; ``None`` is not valid at construction).
+        g_steps: generator updates per :meth:`step`.
+        lr, betas: Adam's learning rate and betas for the generator (and any
+            trainable term, such as a projection head).
+        sample_from: ``eval``, ``train`` or ``last``, see above.
+    """
+
+    SAMPLE_FROM = ("eval", "train", "last")
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        terms: Mapping[str, Term],
+        normalize: Normalize,
+        denormalize: Normalize,
+        num_classes: int,
+        *,
+        batch_size: int | None = None,
+        g_steps: int = 1,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.999),
+        targets: str = "argmax",
+        sample_from: str = "eval",
+    ) -> None:
+        super().__init__(terms, normalize, denormalize, num_classes, targets)
+        if sample_from not in self.SAMPLE_FROM:
+            raise ValueError(f"sample_from must be one of {', '.join(self.SAMPLE_FROM)}, got {sample_from!r}")
+        if batch_size is None or batch_size < 1 or g_steps < 1:
+            raise ValueError(f"batch_size and g_steps must be at least 1, got {batch_size} and {g_steps}")
+        self.generator = generator  # possibly wrapped for data parallelism
+        self.net = getattr(generator, "module", generator)  # the generator itself, for its attributes
+        self.batch_size = batch_size
+        self.g_steps = g_steps
+        self.sample_from = sample_from
+        self.trainable = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.trainable, lr=lr, betas=tuple(betas))
+        self._last: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def render(self, z: Tensor) -> Tensor:
+        """Normalised images ``[B, C, H, W]`` from noise ``z [B, nz]``."""
+        out = self.generator(z)
+        return out if self.net.output_range == "normalized" else self.normalize(out)
+
+    def step(self, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]) -> dict[str, Tensor]:
+        self.generator.train()
+        with _eval_mode(teacher, student):
+            for _ in range(self.g_steps):
+                z = torch.randn(self.batch_size, self.net.nz, device=self.device)
+                targets = self.draw_targets(len(z), z.device)
+                total, logs, batch = self.losses(self.render(z), teacher, student, weights, targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward(inputs=self.trainable)
+                self.optimizer.step()
+        self._last = (batch.x.detach(), batch.teacher.detach())
+        return logs
+
+    @torch.no_grad()
+    def sample(self, n: int) -> tuple[Tensor, Tensor | None]:
+        if self.sample_from == "last":
+            if self._last is None or len(self._last[0]) != n:
+                raise RuntimeError(f"sample_from='last' needs a preceding step() with batch size {n}")
+            return self._last
+        z = torch.randn(n, self.net.nz, device=self.device)
+        if self.sample_from == "train":
+            return self.render(z), None
+        with _eval_mode(self.generator):
+            return self.render(z), None
+
+    def preview(self, n: int) -> Tensor:
+        """Fresh eval-mode samples; for train-mode sampling, the last update's batch (a train-mode
+        forward just for a preview would move the generator's BN statistics)."""
+        if self.sample_from == "eval" or self._last is None:
+            return super().preview(n)
+        return self.denormalize(self._last[0][:n]).clamp(0, 1)
