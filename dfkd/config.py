@@ -115,6 +115,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last K complete checkpoints are kept
     resume: Optional[str] = None  # "auto", or the path of a checkpoint folder
     mixed_precision: str = "no"  # no | bf16 | fp16
+    channels_last: bool = True  # NHWC memory format for the networks: faster convolutions on CPUs and GPUs
     log_every: int = 50  # steps between scalar logs (each one syncs with the device)
     progress_bar: bool = True
 
@@ -190,12 +191,31 @@ def merge_config(*layers: Any) -> DictConfig:
     for layer in layers:
         container = OmegaConf.to_container(layer) if isinstance(layer, (DictConfig, ListConfig)) else layer
         _check_keys(container, RunConfig, "")
+        _drop_renamed_components(cfg, container)
         try:
             cfg = OmegaConf.merge(cfg, container)
         except OmegaConfBaseException as exc:
             raise _translate(exc) from None
     _check_components(cfg)
     return cfg
+
+
+def _drop_renamed_components(cfg: DictConfig, layer: Mapping[str, Any]) -> None:
+    """Where ``layer`` names a different component than ``cfg`` holds, clear the old spec first.
+
+    A component's options belong to that component: ``weighting.name=uniform``
+    over a recipe's ``{name: log, threshold: ...}`` must replace the spec, not
+    merge into it and leave ``threshold`` behind.
+    """
+    for key, value in layer.items():
+        if not isinstance(value, Mapping) or not isinstance(cfg.get(key), DictConfig):
+            continue
+        current = cfg[key]
+        is_component = OmegaConf.get_type(current) is dict  # typed sections (data, optim, ...) are never replaced
+        if is_component and "name" in value and "name" in current and value["name"] != current["name"]:
+            cfg[key] = None
+        else:
+            _drop_renamed_components(current, value)
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
@@ -248,7 +268,8 @@ def _unknown_key_message(full_key: str, key: str, valid: list[str]) -> str:
     parent = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
     hint = f" Did you mean {' or '.join(repr(parent + c) for c in close)}?" if close else ""
     where = f"section {parent[:-1]!r}" if parent else "a recipe"
-    return f"unknown config key {full_key!r}.{hint} Valid keys in {where}: {', '.join(sorted(valid))}."
+    listing = f"Valid keys in {where}: {', '.join(sorted(valid))}." if valid else f"Section {parent[:-1]!r} takes no keys here."
+    return f"unknown config key {full_key!r}.{hint} {listing}"
 
 
 def _type_name(tp: Any) -> str:

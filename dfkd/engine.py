@@ -224,10 +224,11 @@ class Trainer:
         self.normalize = build_normalize(cfg, self.spec).to(self.device)
         augment = build_augmentation(data.augment or self.spec.augment, self.spec.image_size).to(self.device)
 
-        self.student = build_model(cfg.student, self.spec, "student")
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.student = build_model(cfg.student, self.spec, "student").to(memory_format=self.memory_format)
         self.teacher = build_model(cfg.teacher, self.spec, "teacher") if cfg.teacher is not None else None
-        if self.teacher is not None:
-            self.teacher.to(self.device).eval().requires_grad_(False)  # never wrapped, never trained
+        if self.teacher is not None:  # never wrapped, never trained
+            self.teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
 
         self.loss = StudentLoss(cfg.loss.terms, cfg.loss.label_smoothing)
         if self.loss.needs_teacher and self.teacher is None:
@@ -336,12 +337,13 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, Tensor]:
         """One optimizer step of the student on ``batch``; returns named device scalars."""
+        x = batch.x.contiguous(memory_format=self.memory_format)
         with self.accelerator.autocast():
-            s_logits = self.student(batch.x)
+            s_logits = self.student(x)
             t_logits = batch.teacher_logits
             if t_logits is None and self.loss.needs_teacher:
                 with torch.no_grad():
-                    t_logits = self.teacher(batch.x)
+                    t_logits = self.teacher(x)
             per_sample, raw = self.loss(s_logits, t_logits, batch.y, self.cfg.loss.temperature)
         weights, weighting_logs = self.weighting(per_sample, self.state.step / self.steps_per_epoch, self.cfg.train.epochs)
         loss = per_sample.mean() if weights is None else (weights * per_sample).mean()

@@ -19,6 +19,7 @@ synthesizer itself knows nothing about time.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,11 +65,12 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
     options = {k: v for k, v in spec.items() if k not in _NESTED}
     checked = OmegaConf.to_container(check_component(SYNTHESIZERS, options, path))
     cls = SYNTHESIZERS.get(spec["name"])
-    wants_generator = "generator" in _positional_parameters(cls)
-    if wants_generator and "generator" not in spec:
+    generator_param = _positional_parameters(cls).get("generator")
+    needs_generator = generator_param is not None and generator_param.default is inspect.Parameter.empty
+    if needs_generator and "generator" not in spec:
         raise ConfigError(f"{path}: the {spec['name']!r} synthesizer needs a generator, e.g. generator: {{name: dcgan}}.")
     if "generator" in spec:
-        if not wants_generator:
+        if generator_param is None:
             raise ConfigError(f"{path}: the {spec['name']!r} synthesizer takes no generator; remove {path}.generator.")
         checked["generator"] = OmegaConf.to_container(
             check_component(GENERATORS, spec["generator"], f"{path}.generator", reserved=_GENERATOR_RESERVED)
@@ -86,14 +88,17 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
     return OmegaConf.create(checked)
 
 
-def _positional_parameters(cls: type) -> list[str]:
-    import inspect
+def _positional_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """What the engine injects into ``cls`` (not recipe options): its positional-or-keyword parameters.
 
-    return [
-        p.name
+    A ``generator`` parameter without a default makes the recipe's ``generator``
+    section mandatory; with a default (``None``) it is optional.
+    """
+    return {
+        p.name: p
         for p in inspect.signature(cls.__init__).parameters.values()
         if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "self"
-    ]
+    }
 
 
 @dataclass
@@ -143,8 +148,11 @@ def build_synthesizer(
     kwargs: dict[str, Any] = dict(terms=terms, normalize=normalize, denormalize=denormalize, num_classes=num_classes)
     if generator is not None:
         kwargs["generator"] = generator
+    cls = SYNTHESIZERS.get(name)
+    if "image_shape" in _positional_parameters(cls):  # synthesizers that optimise pixels need their shape
+        kwargs["image_shape"] = (channels, image_size, image_size)
     try:
-        synthesizer = SYNTHESIZERS.get(name)(**kwargs, **spec)
+        synthesizer = cls(**kwargs, **spec)
     except ValueError as exc:
         raise ConfigError(f"synthesizer: {exc}") from None
     synthesizer.to(device)

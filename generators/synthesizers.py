@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from generators.registry import Registry
 from generators.terms import SynthBatch, Term
 
-__all__ = ["Synthesizer", "SYNTHESIZERS", "GenerativeSynthesizer"]
+__all__ = ["Synthesizer", "SYNTHESIZERS", "GenerativeSynthesizer", "eval_mode"]
 
 SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("synthesizers")
 
@@ -84,8 +84,13 @@ class Synthesizer(nn.Module):
         student: nn.Module | None,
         weights: Mapping[str, float],
         targets: Tensor | None = None,
+        *,
+        unit: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], SynthBatch]:
         """The weighted total and every term raw and weighted, for normalised images ``x [B, C, H, W]``.
+
+        ``unit`` is the batch in ``[0, 1]`` before augmentation and normalisation, for
+        terms that make their own views of it (see :class:`SynthBatch`).
 
         Returns:
             ``(total, logs, batch)``: ``total`` is a differentiable scalar; ``logs``
@@ -100,7 +105,9 @@ class Synthesizer(nn.Module):
                 stack.enter_context(term.capturing())
             t_logits = teacher(x)
         s_logits = student(x) if self.needs_student and student is not None else None
-        batch = SynthBatch(x=x, teacher=t_logits, student=s_logits, targets=targets)
+        batch = SynthBatch(
+            x=x, teacher=t_logits, student=s_logits, targets=targets, unit=unit, normalize=self.normalize
+        )
         total = torch.zeros((), device=x.device)
         logs: dict[str, Tensor] = {}
         for name, term in self.terms.items():
@@ -125,7 +132,7 @@ class Synthesizer(nn.Module):
 
 
 @contextlib.contextmanager
-def _eval_mode(*modules: nn.Module | None):
+def eval_mode(*modules: nn.Module | None):
     """Put modules in eval mode for the block, then restore each one's mode."""
     present = [m for m in modules if m is not None]
     modes = [m.training for m in present]
@@ -193,9 +200,18 @@ class GenerativeSynthesizer(Synthesizer):
         self.batch_size = batch_size
         self.g_steps = g_steps
         self.sample_from = sample_from
-        self.trainable = [p for p in self.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.trainable, lr=lr, betas=tuple(betas))
+        self.lr, self.betas = lr, tuple(betas)
+        self._make_optimizer()
         self._last: tuple[Tensor, Tensor] | None = None
+
+    def _make_optimizer(self) -> None:
+        self.trainable = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.trainable, lr=self.lr, betas=self.betas)
+
+    def attach(self, teacher: nn.Module, *, feature_module: nn.Module | None = None) -> None:
+        """Place the hooks; a term may build trainable parts now (a projection head), so the optimiser follows."""
+        super().attach(teacher, feature_module=feature_module)
+        self._make_optimizer()
 
     @property
     def device(self) -> torch.device:
@@ -208,7 +224,7 @@ class GenerativeSynthesizer(Synthesizer):
 
     def step(self, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]) -> dict[str, Tensor]:
         self.generator.train()
-        with _eval_mode(teacher, student):
+        with eval_mode(teacher, student):
             for _ in range(self.g_steps):
                 z = torch.randn(self.batch_size, self.net.nz, device=self.device)
                 targets = self.draw_targets(len(z), z.device)
@@ -228,7 +244,7 @@ class GenerativeSynthesizer(Synthesizer):
         z = torch.randn(n, self.net.nz, device=self.device)
         if self.sample_from == "train":
             return self.render(z), None
-        with _eval_mode(self.generator):
+        with eval_mode(self.generator):
             return self.render(z), None
 
     def preview(self, n: int) -> Tensor:

@@ -34,7 +34,7 @@ and remove their hooks on :meth:`Term.close`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -67,12 +67,18 @@ class SynthBatch:
         teacher: ``[B, K]`` teacher logits on ``x``.
         student: ``[B, K]`` student logits on ``x``, when a term needs them.
         targets: ``[B]`` sampled class targets, when the synthesizer draws them.
+        unit: ``[B, C, H, W]`` the images in ``[0, 1]`` before the synthesizer's
+            augmentation and normalisation, when it has them (a term that makes
+            its own views of the batch, such as ``contrastive``, starts from these).
+        normalize: maps images in ``[0, 1]`` to the teacher's input space.
     """
 
     x: Tensor
     teacher: Tensor
     student: Tensor | None = None
     targets: Tensor | None = None
+    unit: Tensor | None = None
+    normalize: Callable[[Tensor], Tensor] | None = None
 
 
 class Term(nn.Module):
@@ -90,6 +96,13 @@ class Term(nn.Module):
 
     def close(self) -> None:
         """Remove every hook this term placed."""
+
+    def keep(self, improved: Tensor) -> None:
+        """Inversion rounds: after each forward, ``improved`` (a 0-dim bool on the device) says whether
+        that batch is now the round's kept (lowest-loss) batch. Terms with per-round state track it here."""
+
+    def end_round(self) -> None:
+        """Inversion rounds: called once when a round ends, after its kept batch is final."""
 
     def forward(self, batch: SynthBatch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -157,8 +170,8 @@ class BNStatistics(_HookedTerm):
         x = upcast(inputs[0])
         mean = x.mean(dim=(0, 2, 3))
         var = x.var(dim=(0, 2, 3), unbiased=False)
-        distance = torch.linalg.vector_norm(mean - module.running_mean.float()) + torch.linalg.vector_norm(
-            var - module.running_var.float()
+        distance = torch.linalg.vector_norm(mean - module.running_mean.to(mean.dtype)) + torch.linalg.vector_norm(
+            var - module.running_var.to(var.dtype)
         )
         self._records.append(distance)
 

@@ -54,6 +54,8 @@ class SynthesisMixin:
             batch_size=synth_batch // world,
         )
         self.synthesizer = self.built.synthesizer
+        if cfg.train.channels_last and self.built.generator is not None:
+            self.built.generator.to(memory_format=torch.channels_last)
         self.stopwatch = Stopwatch(env.accelerator.device)
         self.synth_images = 0
 
