@@ -10,6 +10,24 @@ against the keyword-only parameters of the registered factory (see
 closest valid key, and a value of the wrong type names the key, the expected
 type and the value given.
 
+Recipes inherit with a top-level ``base`` key: a path, or a list of paths,
+each relative to the folder of the recipe that names it::
+
+    # recipes/cifar10/cudfkd/resnet34_resnet18.yaml
+    base: ../../methods/cudfkd.yaml      # the method's composition and defaults
+    output_dir: runs/cifar10/cudfkd/resnet34_resnet18
+    student: {arch: resnet18}
+
+:func:`load_config` merges the layers in this order: each base (its own bases
+first, recursively, and a list in its order), then the recipe itself, then the
+command-line overrides. Every layer merges like an override: a section's keys
+are updated one by one, and where a later layer names a different component
+(a new ``name``), that component's options are replaced, not merged. ``base``
+is read from recipe files only (never from the command line), never reaches
+the schema, and is not written to the saved ``config.yaml``, which is the fully
+resolved config. Other paths in a recipe (``data.root``, ``teacher.checkpoint``,
+``teacher.recipe``) stay relative to the working directory, as before.
+
 YAML is read with OmegaConf, which uses a safe loader: no Python objects are
 ever constructed from a recipe.
 """
@@ -18,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -150,9 +169,11 @@ class RunConfig:
 
 # --------------------------------------------------------------------------- loading
 
+BASE_KEY = "base"  # the top-level recipe key naming the recipes it inherits from
+
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load a recipe, apply ``key=value`` overrides, and validate the result.
+    """Load a recipe and its bases, apply ``key=value`` overrides, and validate the result.
 
     Args:
         path: a YAML recipe, or ``None`` to start from the defaults.
@@ -163,21 +184,22 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         component spec filled in with its defaults.
 
     Raises:
-        ConfigError: on a missing file, bad YAML, an unknown key or a wrong type.
+        ConfigError: on a missing file or base, a cycle of bases, bad YAML, an
+            unknown key or a wrong type.
     """
     layers: list[Any] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} does not exist (looked at {path.resolve()}).")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as exc:  # yaml.YAMLError and OmegaConf's grammar errors alike
-            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got a {type(loaded).__name__}.")
-        layers.append(loaded)
-    layers.append(_parse_overrides(overrides))
+        layers.extend(_recipe_layers(path, ()))
+    cli = _parse_overrides(overrides)
+    if BASE_KEY in cli:
+        raise ConfigError(
+            f"{BASE_KEY!r} cannot be set on the command line: bases are resolved when a recipe file is read. "
+            f"Write a recipe with `{BASE_KEY}: <path>` instead (see dfkd.config)."
+        )
+    layers.append(cli)
     cfg = merge_config(*layers)
     if cfg.output_dir is None:
         stem = Path(path).stem if path is not None else "run"
@@ -185,11 +207,58 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
     return cfg
 
 
+def _read_recipe(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and OmegaConf's grammar errors alike
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got a {type(loaded).__name__}.")
+    return loaded
+
+
+def _recipe_layers(path: Path, chain: tuple[Path, ...]) -> list[dict[str, Any]]:
+    """The layers of ``path``, bases first: ``[*layers of each base, the recipe without 'base']``.
+
+    ``chain`` holds the recipes that led here (resolved), to report a cycle.
+    """
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(here):], here))
+        raise ConfigError(f"recipe bases form a cycle: {cycle}.")
+    recipe = OmegaConf.to_container(_read_recipe(path))
+    bases = recipe.pop(BASE_KEY, None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(
+            f"recipe {str(path)!r}: {BASE_KEY!r} must be a path or a list of paths (relative to the recipe's "
+            f"folder), got {bases!r}."
+        )
+    layers: list[dict[str, Any]] = []
+    for base in bases:
+        base_path = Path(os.path.normpath(path.parent / base))
+        if not base_path.is_file():
+            raise ConfigError(
+                f"base recipe {base!r} named by {str(path)!r} does not exist (looked at {base_path.resolve()})."
+            )
+        layers.extend(_recipe_layers(base_path, (*chain, here)))
+    layers.append(recipe)
+    return layers
+
+
 def merge_config(*layers: Any) -> DictConfig:
     """Merge plain dicts or DictConfigs onto the :class:`RunConfig` schema, validating each key."""
     cfg = OmegaConf.structured(RunConfig)
     for layer in layers:
         container = OmegaConf.to_container(layer) if isinstance(layer, (DictConfig, ListConfig)) else layer
+        if isinstance(container, Mapping) and BASE_KEY in container:
+            raise ConfigError(
+                f"{BASE_KEY!r} names recipes to inherit from and is resolved only when load_config reads a "
+                "recipe file; it cannot be merged as a config section."
+            )
         _check_keys(container, RunConfig, "")
         _drop_renamed_components(cfg, container)
         try:

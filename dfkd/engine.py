@@ -301,7 +301,7 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
         self.logger = RunLogger(
             self.output_dir, enabled=self.accelerator.is_main_process, total_steps=self.total_steps,
-            initial_step=self.state.step, progress_bar=cfg.train.progress_bar,
+            initial_step=self.state.step, progress_bar=cfg.train.progress_bar, history=self.state.history,
         )
         meter = Meter()
         started, wall_before = time.perf_counter(), self.state.wall_s
@@ -408,10 +408,10 @@ class Trainer:
 
     def _evaluate_and_record(self) -> None:
         metrics = evaluate(self.student, self.eval_loader, self.normalize, self.accelerator, self.teacher)
-        entry = {"epoch": self.state.epoch, "step": self.state.step, **metrics}
+        entry = {"epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": self.scheduler.get_last_lr()[0]}
         self.state.history.append(entry)
         self.logger.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.state.step)
-        self.logger.record({**entry, "lr": self.scheduler.get_last_lr()[0]})
+        self.logger.record(entry)
 
     def _stateful(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer, "scheduler": self.scheduler, "source": self.source, "run": self.state}
@@ -449,7 +449,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         cfg, history = self.cfg, self.state.history
         final = history[-1] if history else {}
-        summary: dict[str, Any] = {f"final_{k}": v for k, v in final.items() if k not in ("epoch", "step")}
+        summary: dict[str, Any] = {f"final_{k}": v for k, v in final.items() if k not in ("epoch", "step", "lr")}
         for metric in ("agree1", "loyalty"):
             values = [h[metric] for h in history if metric in h]
             if values:

@@ -15,6 +15,11 @@ The section reads::
 A weight is a number or a schedule of :mod:`dfkd.policies.schedules`, which
 the sample source evaluates (in epochs) before every synthesis step: the
 synthesizer itself knows nothing about time.
+
+A term given as ``null`` is left out. That is how a recipe removes a term its
+base composes (see ``base`` in :mod:`dfkd.config`): ``synthesizer: {terms: {bn:
+null}}`` drops the BN-statistics term for a teacher without batch norm, where a
+weight of 0 would still attach the term's hooks (and fail on such a teacher).
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
             check_component(GENERATORS, spec["generator"], f"{path}.generator", reserved=_GENERATOR_RESERVED)
         )
     terms = spec.get("terms") or {}
+    if isinstance(terms, Mapping):
+        terms = {name: value for name, value in terms.items() if value is not None}  # null removes a term
     if not isinstance(terms, Mapping) or not terms:
         raise ConfigError(f"{path}.terms must map at least one term of {TERMS.names()} to its weight.")
     checked["terms"] = {}

@@ -11,12 +11,14 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from dfkd.checkpoint import atomic_write_bytes
 
 __all__ = ["Meter", "RunLogger", "Stopwatch"]
 
@@ -94,13 +96,26 @@ class Stopwatch:
 class RunLogger:
     """TensorBoard + ``metrics.jsonl`` + tqdm, active on the main process only."""
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, initial_step: int, progress_bar: bool) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int,
+        progress_bar: bool,
+        history: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """``history`` is the run's evaluations so far (those of the checkpoint it resumes, or none):
+        ``metrics.jsonl`` is rewritten to hold exactly these, so neither a fresh run in an old folder
+        nor a resume after a crash between an evaluation and its checkpoint leaves stray lines."""
         self.enabled = enabled
         self.dir = Path(output_dir)
         self._writer = None
         self._bar = None
         if not enabled:
             return
+        atomic_write_bytes(self.dir / "metrics.jsonl", "".join(_json_line(entry) for entry in history).encode())
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
@@ -131,9 +146,8 @@ class RunLogger:
         """Append one evaluation to ``metrics.jsonl``."""
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
         with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+            fh.write(_json_line(entry))
 
     def progress(self, n: int = 1, **postfix: float) -> None:
         if self._bar is not None:
@@ -146,3 +160,9 @@ class RunLogger:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _json_line(entry: Mapping[str, Any]) -> str:
+    """One ``metrics.jsonl`` line; non-finite floats become ``null`` (JSON has no NaN)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
+    return json.dumps(clean) + "\n"

@@ -94,23 +94,28 @@ class Synthesizer(nn.Module):
 
         Returns:
             ``(total, logs, batch)``: ``total`` is a differentiable scalar; ``logs``
-            holds detached scalars ``<term>`` and ``<term>_weighted``; ``batch``
-            is what the terms saw (images and logits).
+            holds detached scalars ``<term>`` and ``<term>_weighted`` for every term
+            with a nonzero weight (the others are not computed); ``batch`` is what
+            the terms saw (images and logits).
         """
         missing = [name for name in self.terms if name not in weights]
         if missing:
             raise KeyError(f"no weight given for the terms {missing}")
+        # A term whose weight is exactly zero now (adv before its ramp starts) is not computed:
+        # that skips its hooks' work and, for adv, the student's forward and backward.
+        active = {name: term for name, term in self.terms.items() if weights[name] != 0}
         with contextlib.ExitStack() as stack:
-            for term in self.terms.values():
+            for term in active.values():
                 stack.enter_context(term.capturing())
             t_logits = teacher(x)
-        s_logits = student(x) if self.needs_student and student is not None else None
+        needs_student = any(term.needs_student for term in active.values())
+        s_logits = student(x) if needs_student and student is not None else None
         batch = SynthBatch(
             x=x, teacher=t_logits, student=s_logits, targets=targets, unit=unit, normalize=self.normalize
         )
         total = torch.zeros((), device=x.device)
         logs: dict[str, Tensor] = {}
-        for name, term in self.terms.items():
+        for name, term in active.items():
             raw = term(batch)
             weighted = weights[name] * raw
             total = total + weighted

@@ -1,6 +1,7 @@
 """The one loop end to end on the built-in procedural dataset, with tiny models and few steps."""
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -93,6 +94,28 @@ def test_resume_continues_where_it_stopped_and_matches_an_uninterrupted_run(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run must end with the same weights"
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "crashy" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3], "the resumed run continues at epoch 3, it does not restart"
+
+
+def _epochs_logged(run: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_jsonl_holds_exactly_the_evaluations_of_the_checkpointed_run(tmp_path, monkeypatch):
+    """A crash between an evaluation and its checkpoint re-runs that epoch; its line is not doubled."""
+    original = Trainer._save_checkpoint
+    def crash_before_the_last_checkpoint(self):
+        if self.state.epoch == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", crash_before_the_last_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(tmp_path)).fit()
+    assert _epochs_logged(tmp_path / "run") == [1, 2, 3]  # epoch 3 was evaluated, then the run died
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    Trainer(_cfg(tmp_path, "train.resume=auto")).fit()
+    assert _epochs_logged(tmp_path / "run") == [1, 2, 3]
+    Trainer(_cfg(tmp_path, "train.epochs=2")).fit()  # a fresh run in the same folder starts a fresh log
+    assert _epochs_logged(tmp_path / "run") == [1, 2]
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):

@@ -641,6 +641,20 @@ def test_step_returns_every_term_raw_and_weighted():
     assert all(not v.requires_grad for v in logs.values())  # detached, for logging
 
 
+def test_zero_weight_terms_are_not_computed_and_skip_the_student():
+    """Before alpha_adv's ramp starts the adv weight is 0: no student forward, no adv log, hooks idle."""
+    synth, teacher, student = make_synthesizer()
+    calls: list[int] = []
+    handle = student.register_forward_hook(lambda m, i, o: calls.append(1))
+    logs = synth.step(teacher, student, {**WEIGHTS, "adv": 0.0, "act": 0.0})
+    assert calls == []
+    assert "adv" not in logs and "act" not in logs and "bn" in logs
+    assert logs["loss"].item() == pytest.approx(sum(logs[f"{k}_weighted"].item() for k in ("bn", "oh", "balance")))
+    synth.step(teacher, student, WEIGHTS)  # and once the weight is nonzero, it is computed again
+    assert len(calls) == 1
+    handle.remove()
+
+
 def test_step_without_a_weight_raises():
     synth, teacher, student = make_synthesizer()
     weights = {k: v for k, v in WEIGHTS.items() if k != "adv"}
