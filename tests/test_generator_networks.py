@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -49,13 +48,7 @@ DCGAN_INIT = {"dcgan": True, "cudfkd": True, "large": False, "dafl": False}
 NAMES = GENERATORS.names()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These forwards are tiny: extra OpenMP threads only spin against each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(name: str, image_size: int = 32, channels: int = 3) -> UpsamplingGenerator:

@@ -64,14 +64,7 @@ def _loaded(recipe: Path) -> dict:
     return OmegaConf.to_container(load_config(recipe))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy CPU two OpenMP threads waiting on
-    each other make every small op many times slower (12 s instead of 1 s for a CMI run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- tiny test splits in the real on-disk formats (no training split anywhere)

@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,7 @@ DATASET_SUFFIXES = ("_cifar10", "_cifar100", "_mnist")
 ZOO_NAMES = [name for name in list_models() if not name.startswith("tv_")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These forwards are tiny: on a busy shared runner, extra OpenMP threads only spin against each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def input_channels(name: str) -> int:
