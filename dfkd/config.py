@@ -162,6 +162,9 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # Per-sample weights of the student loss: {name: uniform} (the default) or self-paced {name: log, threshold: ...}.
     weighting: Optional[dict[str, Any]] = None
+    # The kd term's temperature: {name: fixed} (the default: loss.temperature) or CTKD's learnt
+    # {name: ctkd_global} / {name: ctkd_instance} (dfkd.policies.temperature).
+    temperature: Optional[dict[str, Any]] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -437,6 +440,7 @@ _COMPONENT_DEFAULTS = {
     "loss.terms": {"ce": 1.0},
     "optim.schedule": {"name": "cosine"},
     "weighting": {"name": "uniform"},
+    "temperature": {"name": "fixed"},
 }
 
 
@@ -453,6 +457,7 @@ def _check_components(cfg: DictConfig) -> None:
     from dfkd.models import list_models
     from dfkd.optim import OPTIMIZERS
     from dfkd.policies.schedules import SCHEDULES
+    from dfkd.policies.temperature import TEMPERATURES, build_temperature
     from dfkd.policies.weighting import WEIGHTINGS, build_weighting
     from dfkd.sources import SOURCES
     from dfkd.synthesis import check_synthesizer
@@ -485,7 +490,13 @@ def _check_components(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be at least {low}, got {OmegaConf.select(cfg, key)}.")
     cfg.optim.schedule = check_component(SCHEDULES, cfg.optim.schedule, "optim.schedule")
     cfg.source = check_component(SOURCES, cfg.source, "source")
+    if cfg.source.get("curriculum") is not None:
+        from dfkd.curricula import CURRICULA
+
+        cfg.source.curriculum = check_component(CURRICULA, cfg.source.curriculum, "source.curriculum")
     cfg.weighting = check_component(WEIGHTINGS, cfg.weighting, "weighting")
     build_weighting(cfg.weighting)  # also checks the nested threshold schedule
+    cfg.temperature = check_component(TEMPERATURES, cfg.temperature, "temperature")
+    build_temperature(cfg.temperature, cfg.loss.temperature, num_classes=2)  # also checks its ranges
     if cfg.synthesizer is not None:
         cfg.synthesizer = check_synthesizer(cfg.synthesizer)

@@ -35,6 +35,7 @@ from dfkd.losses import StudentLoss
 from dfkd.metrics import per_sample_metrics, stability, summarize
 from dfkd.models import create_model
 from dfkd.optim import build_lr_scheduler, build_optimizer
+from dfkd.policies.temperature import build_temperature
 from dfkd.policies.weighting import build_weighting
 from dfkd.sources import SOURCES, Batch, Context, SampleSource, SourceEnv
 from dfkd.tracking import Meter, RunLogger
@@ -234,6 +235,12 @@ class Trainer:
         if self.loss.needs_teacher and self.teacher is None:
             raise ConfigError(f"loss.terms {list(cfg.loss.terms)} need a teacher, but the recipe has no 'teacher' section.")
         self.weighting = build_weighting(cfg.weighting)
+        self.temperature = build_temperature(cfg.temperature, cfg.loss.temperature, self.spec.num_classes)
+        if self.temperature.module is not None and "kd" not in self.loss.weights:
+            raise ConfigError(
+                f"temperature {cfg.temperature.name!r} learns the temperature of the kd term, but loss.terms "
+                f"{list(cfg.loss.terms)} has no kd: add one (e.g. {{ce: 0.1, kd: 0.9}}) or use temperature.name=fixed."
+            )
 
         env = SourceEnv(
             cfg=cfg, spec=self.spec, train_set=self._train_set, normalize=self.normalize, augment=augment,
@@ -246,10 +253,17 @@ class Trainer:
             raise ConfigError(f"source {cfg.source.name!r} has no natural epoch length: set train.steps_per_epoch.")
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
 
-        optimizer = build_optimizer(self.student.parameters(), cfg.optim)
+        # A learnt temperature (CTKD) trains in the student's optimiser, with its lr, schedule and weight decay:
+        # the public train_student.py builds one SGD over trainable_list = [student, Global_T].
+        param_groups = [{"params": list(self.student.parameters())}]
+        if self.temperature.parameters():
+            param_groups.append({"params": self.temperature.parameters()})
+        optimizer = build_optimizer(param_groups, cfg.optim)
         self.scheduler = build_lr_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         eval_loader = build_eval_loader(test_set, cfg.eval.batch_size, data.num_workers)
         self.student, self.optimizer, self.eval_loader = self.accelerator.prepare(self.student, optimizer, eval_loader)
+        if self.temperature.module is not None:  # on the device, and under DDP its gradients are all-reduced
+            self.temperature.module = self.accelerator.prepare(self.temperature.module)
 
         self.state = RunState()
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -289,6 +303,8 @@ class Trainer:
             teacher=self.teacher, student=self.student, epoch=epoch, step=self.state.step,
             epochs=self.cfg.train.epochs, steps_per_epoch=self.steps_per_epoch,
             metrics=self.state.history[-1] if self.state.history else {},
+            log=lambda name, value: self.logger.scalars({name: value}, self.state.step),
+            histogram=lambda name, values: self.logger.histogram(name, values, self.state.step),
         )
 
     # -- the loop
@@ -344,7 +360,11 @@ class Trainer:
             if t_logits is None and self.loss.needs_teacher:
                 with torch.no_grad():
                     t_logits = self.teacher(x)
-            per_sample, raw = self.loss(s_logits, t_logits, batch.y, self.cfg.loss.temperature)
+            temperature, temperature_logs = self.cfg.loss.temperature, {}
+            if self.loss.needs_teacher:
+                progress = self.state.step / self.steps_per_epoch
+                temperature, temperature_logs = self.temperature(s_logits, t_logits, progress, self.cfg.train.epochs)
+            per_sample, raw = self.loss(s_logits, t_logits, batch.y, temperature)
         weights, weighting_logs = self.weighting(per_sample, self.state.step / self.steps_per_epoch, self.cfg.train.epochs)
         loss = per_sample.mean() if weights is None else (weights * per_sample).mean()
         self.accelerator.backward(loss)
@@ -354,7 +374,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        terms = {"loss": loss.detach(), **weighting_logs}
+        terms = {"loss": loss.detach(), **weighting_logs, **temperature_logs}
         for name, value in raw.items():
             terms[f"student/{name}"] = value.detach().mean()
             terms[f"student/{name}_weighted"] = self.loss.weights[name] * terms[f"student/{name}"]
@@ -418,7 +438,10 @@ class Trainer:
 
     def _checkpoint_modules(self) -> dict[str, nn.Module]:
         extra = getattr(self.source, "checkpoint_modules", None)
-        return {"student": self.unwrapped_student, **(extra() if extra is not None else {})}
+        modules = {"student": self.unwrapped_student, **(extra() if extra is not None else {})}
+        if self.temperature.module is not None:
+            modules["temperature"] = self.accelerator.unwrap_model(self.temperature.module)
+        return modules
 
     def _save_checkpoint(self) -> Path:
         self.state.synth_s = float(getattr(self.source, "synth_seconds", 0.0))

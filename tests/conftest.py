@@ -34,3 +34,31 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch):
+    """``crash(cfg, epoch)``: run ``cfg`` and kill it (KeyboardInterrupt) right after it checkpoints ``epoch``.
+
+    The run's folder then holds exactly what a process killed at that moment
+    leaves behind, for a ``train.resume=auto`` run to continue from.
+    """
+    from dfkd.engine import Trainer
+
+    original = Trainer._save_checkpoint
+
+    def crash(cfg, epoch: int) -> None:
+        def save_then_die(self):
+            path = original(self)
+            if self.state.epoch == epoch:
+                raise KeyboardInterrupt("simulated crash")
+            return path
+
+        monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                Trainer(cfg).fit()
+        finally:
+            monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+
+    return crash

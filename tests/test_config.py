@@ -12,7 +12,7 @@ from dfkd.policies.schedules import SCHEDULES
 ROOT = Path(__file__).resolve().parents[1]
 # recipes/methods/ holds partial recipes (a method's composition and defaults) that complete recipes
 # inherit with `base:`; they are checked through the recipes that name them.
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if not {"accelerate", "methods"} & set(p.parts))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if not {"accelerate", "methods", "settings"} & set(p.parts))
 METHOD_BASES = sorted((ROOT / "recipes" / "methods").glob("*.yaml"))
 
 

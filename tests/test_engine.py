@@ -71,19 +71,9 @@ def test_a_kd_run_reports_teacher_agreement(tmp_path):
     assert 0.0 <= summary["final_loyalty"] <= 1.0
 
 
-def test_resume_continues_where_it_stopped_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_continues_where_it_stopped_and_matches_an_uninterrupted_run(tmp_path, crash_after_checkpoint):
     straight = Trainer(_cfg(tmp_path, f"output_dir={tmp_path / 'straight'}")).fit()
-
-    original = Trainer._save_checkpoint
-    def crash_after_epoch_two(self):
-        path = original(self)
-        if self.state.epoch == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-    monkeypatch.setattr(Trainer, "_save_checkpoint", crash_after_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_cfg(tmp_path, f"output_dir={tmp_path / 'crashy'}")).fit()
-    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    crash_after_checkpoint(_cfg(tmp_path, f"output_dir={tmp_path / 'crashy'}"), epoch=2)
 
     resumed = Trainer(_cfg(tmp_path, f"output_dir={tmp_path / 'crashy'}", "train.resume=auto"))
     summary = resumed.fit()

@@ -33,8 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 FAMILIES = ("mnist", "cifar10", "cifar100")
 METHODS = ("dafl", "zskt", "dfad", "dfq", "deepinversion", "cmi", "cudfkd")
-PAIR_RECIPES = sorted(p for family in FAMILIES for p in (RECIPES / family).glob("*/*.yaml"))
-JPEG_RECIPES = sorted((RECIPES / "cifar10_jpeg").glob("*.yaml"))
+# The data-free methods' recipes; the real-data curricula and CTKD have theirs checked in test_curricula.py.
+PAIR_RECIPES = sorted(p for family in FAMILIES for method in METHODS for p in (RECIPES / family / method).glob("*.yaml"))
+JPEG_RECIPES = sorted(p for p in (RECIPES / "cifar10_jpeg").glob("*.yaml") if p.name.split("_")[0] in METHODS)
+# Data-free methods combined with a policy from elsewhere (CuDFKD with CTKD's learnt temperature).
+COMBINED_RECIPES = sorted(RECIPES.glob("*/cudfkd_ctkd/*.yaml"))
 
 
 def _family_method(recipe: Path) -> tuple[str, str]:
@@ -50,7 +53,7 @@ def _representatives() -> dict[tuple[str, str], Path]:
 
 
 REPRESENTATIVES = _representatives()
-RUN = sorted(REPRESENTATIVES.values()) + JPEG_RECIPES
+RUN = sorted(REPRESENTATIVES.values()) + JPEG_RECIPES + COMBINED_RECIPES
 SIBLINGS = [p for p in PAIR_RECIPES if p not in REPRESENTATIVES.values()]
 
 

@@ -58,7 +58,8 @@ class Context:
     epochs: int
     steps_per_epoch: int
     metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation
-    log: Callable[[str, Any], None] = lambda name, value: None  # scalar logger (main process only)
+    log: Callable[[str, float], None] = lambda name, value: None  # scalar logger (main process only)
+    histogram: Callable[[str, Tensor], None] = lambda name, values: None  # histogram logger (main process only)
 
 
 @dataclass

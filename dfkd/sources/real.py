@@ -1,21 +1,28 @@
-"""``RealDataSource``: batches from a real dataset, for teachers, scratch students and real-data KD.
+"""``RealDataSource``: batches from a real dataset, for teachers, scratch students, KD and the curricula.
 
-Order is a pure function of ``(seed, pass)``: each pass over the active
-indices is a fresh permutation drawn from a generator seeded with both, so a
-resumed run replays exactly the batches an uninterrupted one would have seen,
-without pickling a sampler. ``batch_size`` is the global batch; each process
-takes its contiguous shard of every batch.
+Order is a pure function of ``(seed, pass, active indices)``: each pass over
+the active indices is a fresh permutation drawn from a generator seeded with
+the seed and the pass number, so a resumed run replays exactly the batches an
+uninterrupted one would have seen, without pickling a sampler. ``batch_size``
+is the global batch; each process takes its contiguous shard of every batch.
+
+A **curriculum** (:mod:`dfkd.curricula`) chooses the active indices at the
+start of every epoch; a new selection starts a new pass. An epoch is always
+``len(pool) // batch_size`` steps, whatever the active subset's size, so every
+curriculum gets the same step budget as plain KD (a small subset is simply
+passed over more often).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from dfkd.curricula import CURRICULA, Curriculum, Scorer, Selection
 from dfkd.data.transforms import to_unit
 from dfkd.errors import ConfigError
 from dfkd.sources.base import SOURCES, Batch, Context, SourceEnv
@@ -25,16 +32,22 @@ __all__ = ["RealDataSource"]
 
 @SOURCES.register("real")
 class RealDataSource:
-    """Uniformly shuffled batches of a real dataset, augmented and normalised on the device.
+    """Uniformly shuffled batches of a real dataset's active subset, augmented and normalised on the device.
 
     Args:
         env: the engine's build environment (dataset, transforms, accelerator).
         batch_size: global batch size, split evenly across processes.
         num_workers: loader processes for datasets decoded per item; in-memory
             datasets are indexed directly and need none.
+        curriculum: ``{name: <curriculum>, **options}`` from :data:`dfkd.curricula.CURRICULA`,
+            or ``None`` for every sample throughout.
+        score_batch_size: per-process batch of the curriculum's scoring passes.
     """
 
-    def __init__(self, env: SourceEnv, *, batch_size: int = 128, num_workers: int = 2) -> None:
+    def __init__(
+        self, env: SourceEnv, *, batch_size: int = 128, num_workers: int = 2,
+        curriculum: Optional[dict[str, Any]] = None, score_batch_size: int = 512,
+    ) -> None:
         self.dataset = env.train_set()
         self.normalize = env.normalize
         self.augment = env.augment
@@ -49,12 +62,30 @@ class RealDataSource:
             )
         self.batch_size = batch_size
         self.targets: Tensor = torch.as_tensor(self.dataset.targets)
-        self.active = torch.arange(len(self.dataset))
-        if len(self.active) < batch_size:
-            raise ConfigError(
-                f"the training split has {len(self.active)} samples, fewer than source.batch_size={batch_size}."
-            )
         self.num_workers = num_workers
+        self.pool = torch.arange(len(self.dataset))  # what may be trained on (a curriculum may hold some out)
+        self.curriculum: Curriculum | None = None
+        self.scorer: Scorer | None = None
+        if curriculum is not None:
+            options = dict(curriculum)
+            self.curriculum = CURRICULA.get(options.pop("name"))(**options)
+            if self.curriculum.needs_teacher and env.teacher is None:
+                raise ConfigError(
+                    f"source.curriculum {curriculum['name']!r} scores samples with the teacher, "
+                    "but the recipe has no 'teacher' section."
+                )
+            self.pool = self.curriculum.setup(self.pool, self.targets, self.seed)
+            self.scorer = Scorer(
+                self.dataset, self.normalize, env.accelerator, env.teacher,
+                batch_size=score_batch_size, num_workers=num_workers,
+            )
+        if len(self.pool) < batch_size:
+            raise ConfigError(
+                f"the training split has {len(self.pool)} samples to train on, fewer than "
+                f"source.batch_size={batch_size}."
+            )
+        self.active = self.pool
+        self._selected_epoch = -1  # the epoch whose start the curriculum last decided at
         self._pass = 0
         self._cursor = 0  # batches of the current pass already handed out
         self._iter: Iterator[tuple[Tensor, Tensor, Tensor]] | None = None
@@ -62,16 +93,18 @@ class RealDataSource:
     # -- schedule of indices
 
     def steps_per_epoch(self) -> int:
-        return len(self.active) // self.batch_size
+        return len(self.pool) // self.batch_size
 
     def _pass_order(self, pass_index: int) -> Tensor:
+        """A permutation of the active indices; a subset smaller than a batch is repeated to fill one."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
-        return self.active[torch.randperm(len(self.active), generator=generator)]
+        repeats = -(-self.batch_size // len(self.active))
+        return torch.cat([self.active[torch.randperm(len(self.active), generator=generator)] for _ in range(repeats)])
 
     def _shards(self, pass_index: int, start: int) -> Iterator[Tensor]:
         order = self._pass_order(pass_index)
         shard = self.batch_size // self.world
-        for b in range(start, self.steps_per_epoch()):
+        for b in range(start, len(order) // self.batch_size):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield batch[self.rank * shard : (self.rank + 1) * shard]
 
@@ -108,14 +141,56 @@ class RealDataSource:
         return Batch(x=x, y=y.to(self.device, non_blocking=True), index=idx.to(self.device, non_blocking=True))
 
     def on_epoch_start(self, ctx: Context) -> None:
-        pass
+        """Let the curriculum decide this epoch's subset (once per epoch, also across a resume)."""
+        if self.curriculum is None or self._selected_epoch == ctx.epoch:
+            return
+        selection = self.curriculum.select(ctx.epoch, ctx.epochs, self.scorer, ctx.student)
+        self._selected_epoch = ctx.epoch
+        if selection is None:
+            return
+        if selection.index is not None:
+            index = selection.index.sort().values
+            if not torch.equal(index, self.active):
+                if len(index) == 0:
+                    raise RuntimeError(f"curriculum selected no samples at epoch {ctx.epoch}")
+                self.active = index
+                self._pass, self._cursor, self._iter = self._pass + 1, 0, None
+        self._log_selection(selection, ctx)
+
+    def _log_selection(self, selection: Selection, ctx: Context) -> None:
+        """The active subset's size and class balance, the stage, and the difficulty behind it."""
+        classes = int(self.targets.max()) + 1
+        pool_share = torch.bincount(self.targets[self.pool], minlength=classes).double() / len(self.pool)
+        active_share = torch.bincount(self.targets[self.active], minlength=classes).double() / len(self.active)
+        present = pool_share > 0
+        ratio = active_share[present] / pool_share[present]  # 1 where a class keeps its dataset share
+        ctx.log("curriculum/active_size", float(len(self.active)))
+        ctx.log("curriculum/active_fraction", len(self.active) / len(self.pool))
+        ctx.log("curriculum/stage", float(selection.stage))
+        ctx.log("curriculum/class_share_min", float(ratio.min()))
+        ctx.log("curriculum/class_share_max", float(ratio.max()))
+        ctx.histogram("curriculum/class_share", ratio.float())
+        if selection.difficulty is not None:
+            ctx.histogram("curriculum/difficulty", selection.difficulty.float())
+        for name, value in selection.scalars.items():
+            ctx.log(name, float(value))
 
     def on_epoch_end(self, ctx: Context) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pass": self._pass, "cursor": self._cursor}
+        state: dict[str, Any] = {"pass": self._pass, "cursor": self._cursor}
+        if self.curriculum is not None:
+            state.update(
+                active=self.active.clone(), selected_epoch=self._selected_epoch,
+                curriculum=self.curriculum.state_dict(),
+            )
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pass, self._cursor = int(state["pass"]), int(state["cursor"])
+        if self.curriculum is not None:
+            self.active = state["active"].clone()
+            self._selected_epoch = int(state["selected_epoch"])
+            self.curriculum.load_state_dict(state["curriculum"])
         self._iter = None
