@@ -256,7 +256,7 @@ class Trainer:
         # A learnt temperature (CTKD) trains in the student's optimiser, with its lr, schedule and weight decay:
         # the public train_student.py builds one SGD over trainable_list = [student, Global_T].
         param_groups = [{"params": list(self.student.parameters())}]
-        if self.temperature.parameters():
+        if self.temperature.module is not None:
             param_groups.append({"params": self.temperature.parameters()})
         optimizer = build_optimizer(param_groups, cfg.optim)
         self.scheduler = build_lr_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
@@ -360,12 +360,12 @@ class Trainer:
             if t_logits is None and self.loss.needs_teacher:
                 with torch.no_grad():
                     t_logits = self.teacher(x)
+            progress, epochs = self.state.step / self.steps_per_epoch, self.cfg.train.epochs
             temperature, temperature_logs = self.cfg.loss.temperature, {}
             if self.loss.needs_teacher:
-                progress = self.state.step / self.steps_per_epoch
-                temperature, temperature_logs = self.temperature(s_logits, t_logits, progress, self.cfg.train.epochs)
+                temperature, temperature_logs = self.temperature(s_logits, t_logits, progress, epochs)
             per_sample, raw = self.loss(s_logits, t_logits, batch.y, temperature)
-        weights, weighting_logs = self.weighting(per_sample, self.state.step / self.steps_per_epoch, self.cfg.train.epochs)
+        weights, weighting_logs = self.weighting(per_sample, progress, epochs)
         loss = per_sample.mean() if weights is None else (weights * per_sample).mean()
         self.accelerator.backward(loss)
         if self.cfg.optim.grad_clip:

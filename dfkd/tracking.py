@@ -24,10 +24,14 @@ __all__ = ["Meter", "RunLogger", "Stopwatch"]
 
 
 class Meter:
-    """Running sums of scalar tensors on the device, read back once per log interval.
+    """Running sums of scalar tensors, read back once per log interval.
 
     Each name is averaged over the updates that carried it, so a value logged
     every fifth step (a synthesis term) is not diluted by the other four.
+    Values computed on the device (losses) are summed there; values the host
+    already knows (a schedule's weight, lambda) should be passed as CPU tensors
+    and are summed on the host, so logging them never copies to the device
+    (a host-to-device copy from pageable memory waits for the device on CUDA).
     """
 
     def __init__(self) -> None:
@@ -47,11 +51,15 @@ class Meter:
         """The means since the last call (one device-to-host transfer), and reset."""
         if not self._sums:
             return {}
-        names = list(self._sums)
-        counts = torch.tensor([self._counts[n] for n in names], dtype=torch.float32)
-        means = (torch.stack([self._sums[n] for n in names]).cpu() / counts).tolist()
+        means: dict[str, float] = {}
+        for device in {s.device for s in self._sums.values()}:  # one transfer per device
+            names = [n for n, s in self._sums.items() if s.device == device]
+            counts = torch.tensor([self._counts[n] for n in names], dtype=torch.float32)
+            sums = torch.stack([self._sums[n] for n in names]).cpu()
+            means.update(zip(names, (sums / counts).tolist()))
+        means = {name: means[name] for name in self._sums}  # first-logged order
         self._sums, self._counts = {}, {}
-        return dict(zip(names, means))
+        return means
 
 
 class Stopwatch:

@@ -72,7 +72,12 @@ class Curriculum(Protocol):
         """
 
     def select(self, epoch: int, epochs: int, scorer: Scorer, student: Any) -> Selection | None:
-        """At the start of ``epoch`` (0-based): a new selection, or ``None`` to change nothing."""
+        """At the start of ``epoch`` (0-based): a new selection, or ``None`` to change nothing.
+
+        The source calls it exactly once per epoch, also across a resume (it
+        checkpoints which epoch it last asked about), so a curriculum may count
+        calls as epochs (DCD measures one validation gain per call).
+        """
 
     def state_dict(self) -> dict[str, Any]: ...
 

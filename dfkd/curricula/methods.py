@@ -148,10 +148,11 @@ class SLKD(_Staged):
         phase_starts = [float(s) for s in starts] if starts is not None else equal_stages(phases, warmup)
         if len(phase_starts) != phases:
             raise ConfigError(f"source.curriculum.starts has {len(phase_starts)} values for {phases} phases.")
-        # stage 0 is the warm-up on everything; stage k >= 1 is phase k (without a warm-up, phase 1 starts at 0)
-        self.starts = [0.0, *phase_starts] if warmup > 0 else [-1.0, *phase_starts]
+        _check_starts("source.curriculum.starts", [0.0, *phase_starts] if warmup > 0 else phase_starts)
+        # stage 0 is the warm-up on everything and stage k >= 1 is phase k; without a warm-up phase 1
+        # also starts at 0, and stage_at picks the later of two stages that start together
+        self.starts = [0.0, *phase_starts]
         self.fractions = [1.0] + [k / phases for k in range(1, phases + 1)]
-        _check_starts("source.curriculum.starts", self.starts[1:] if warmup == 0 else self.starts)
 
     def select(self, epoch: int, epochs: int, scorer: Scorer, student: nn.Module) -> Selection | None:
         def difficulty() -> Tensor:  # the most confident is the easiest
@@ -303,7 +304,6 @@ class DCD(_Staged):
         self.val_t: float | None = None
         self.val_s: float | None = None  # Val_s of the previous epoch
         self.below = False  # whether the previous epoch's gain was below s
-        self.epoch = -1  # the epoch of the last decision
 
     def setup(self, pool: Tensor, targets: Tensor, seed: int) -> Tensor:
         size = max(1, round(self.val_fraction * len(pool)))
@@ -315,9 +315,6 @@ class DCD(_Staged):
         return super().setup(pool[keep], targets, seed)
 
     def select(self, epoch: int, epochs: int, scorer: Scorer, student: nn.Module) -> Selection | None:
-        if epoch == self.epoch:
-            return None
-        self.epoch = epoch
         val = scorer(self.val, student)
         if self.val_t is None:
             self.val_t = val.teacher_accuracy()
@@ -357,13 +354,13 @@ class DCD(_Staged):
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(), "high": self.high, "val_t": self.val_t, "val_s": self.val_s,
-            "below": self.below, "epoch": self.epoch,
+            "below": self.below,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.high, self.val_t, self.val_s = float(state["high"]), state["val_t"], state["val_s"]
-        self.below, self.epoch = bool(state["below"]), int(state["epoch"])
+        self.below = bool(state["below"])
 
 
 def _check_starts(path: str, starts: list[float]) -> None:

@@ -110,7 +110,6 @@ class Scorer:
         self.num_workers = num_workers
         self._teacher_cache: Tensor | None = None  # [N, K] logits, valid where _cached is set
         self._cached = torch.zeros(len(self.targets), dtype=torch.bool)
-        self.forwards = {"teacher": 0, "student": 0}  # samples passed through each model, on this process
 
     def __call__(self, index: Tensor, student: nn.Module | None = None, *, teacher: bool = True) -> Scores:
         """Scores of the samples at ``index`` (int64 ``[M]``).
@@ -157,7 +156,6 @@ class Scorer:
         for x in self._inputs(mine):
             with self.accelerator.autocast():
                 chunks.append(model(x).float())
-        self.forwards[role] += len(mine)
         logits = torch.cat(chunks) if chunks else torch.zeros(0, 0, device=self.accelerator.device)
         if world > 1:
             logits = self.accelerator.gather(logits)

@@ -198,8 +198,8 @@ class TemperaturePolicy:
         Returns:
             The fixed value as a float, or the learnt ``tau`` as a ``[1]`` (global)
             or ``[B, 1]`` (instance-wise) tensor; and, for a learnt one,
-            ``temperature/tau`` (mean over the batch) and ``temperature/grl_lambda``
-            as 0-dim device tensors.
+            ``temperature/tau`` (mean over the batch, a 0-dim device tensor) and
+            ``temperature/grl_lambda`` (a 0-dim CPU tensor: the host knows it).
         """
         if self.module is None:
             return self.value, {}
@@ -207,7 +207,7 @@ class TemperaturePolicy:
         tau = self.module(student_logits, teacher_logits, lam)
         scalars = {
             "temperature/tau": tau.detach().mean(),
-            "temperature/grl_lambda": torch.tensor(lam, device=tau.device),
+            "temperature/grl_lambda": torch.tensor(lam),  # a host value: no device copy
         }
         return tau, scalars
 
@@ -231,6 +231,16 @@ def _check_ctkd(t_min: float, t_range: float, loops: float) -> None:
         raise ConfigError(f"temperature.loops must be positive (epochs of the lambda curriculum), got {loops}.")
 
 
+def _ctkd(module: nn.Module, lambda_min: float, lambda_max: float, loops: float) -> TemperaturePolicy:
+    """A learnt temperature behind the GRL, with the cosine lambda curriculum.
+
+    The two CTKD factories repeat their keyword-only options because those are
+    their recipe schemas (see :func:`dfkd.config.component_schema`).
+    """
+    curriculum = partial(grl_lambda, lambda_min=lambda_min, lambda_max=lambda_max, loops=loops)
+    return TemperaturePolicy(module=module, curriculum=curriculum)
+
+
 @TEMPERATURES.register("ctkd_global")
 def ctkd_global(
     loss_temperature: float,
@@ -250,9 +260,7 @@ def ctkd_global(
     (``Global_T``).
     """
     _check_ctkd(t_min, t_range, loops)
-    module = GlobalTemperature(t_min=t_min, t_range=t_range, theta_init=theta_init)
-    curriculum = partial(grl_lambda, lambda_min=lambda_min, lambda_max=lambda_max, loops=loops)
-    return TemperaturePolicy(module=module, curriculum=curriculum)
+    return _ctkd(GlobalTemperature(t_min=t_min, t_range=t_range, theta_init=theta_init), lambda_min, lambda_max, loops)
 
 
 @TEMPERATURES.register("ctkd_instance")
@@ -274,9 +282,7 @@ def ctkd_instance(
     _check_ctkd(t_min, t_range, loops)
     if hidden < 1:
         raise ConfigError(f"temperature.hidden must be at least 1, got {hidden}.")
-    module = InstanceTemperature(num_classes, hidden=hidden, t_min=t_min, t_range=t_range)
-    curriculum = partial(grl_lambda, lambda_min=lambda_min, lambda_max=lambda_max, loops=loops)
-    return TemperaturePolicy(module=module, curriculum=curriculum)
+    return _ctkd(InstanceTemperature(num_classes, hidden=hidden, t_min=t_min, t_range=t_range), lambda_min, lambda_max, loops)
 
 
 def build_temperature(spec: Mapping[str, Any], loss_temperature: float, num_classes: int) -> TemperaturePolicy:

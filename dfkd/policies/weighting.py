@@ -77,7 +77,7 @@ class SampleWeighting:
         lam = self.threshold(t, total)
         v = self.rule(loss.detach().float(), lam)
         scalars = {
-            "weighting/lambda": torch.tensor(lam, device=loss.device),
+            "weighting/lambda": torch.tensor(lam),  # known on the host: logged without a device copy
             "weighting/v_mean": v.mean(),
             "weighting/v_above_half": (v > 0.5).float().mean(),
         }

@@ -66,9 +66,8 @@ class SynthesisMixin:
         with self.stopwatch, self.accelerator.autocast():
             logs = self.synthesizer.step(ctx.teacher, student, weights)
         self.synth_images += getattr(self.synthesizer, "batch_size", 0) * getattr(self.synthesizer, "g_steps", 1)
-        device = self.accelerator.device
         metrics = {f"synth/{name}": value for name, value in logs.items()}
-        metrics.update({f"synth/weight/{name}": torch.tensor(w, device=device) for name, w in weights.items()})
+        metrics.update({f"synth/weight/{name}": torch.tensor(w) for name, w in weights.items()})  # host values
         return metrics
 
     @property

@@ -97,7 +97,7 @@ class PoolSource(SynthesisMixin):
             metrics = self._synthesize(ctx)
             with self.stopwatch:
                 self.pool.append(quantize(self.synthesizer.best_images()))
-            metrics["pool/images"] = torch.tensor(float(len(self.pool)), device=self.pool.data.device)
+            metrics["pool/images"] = torch.tensor(float(len(self.pool)))  # a host value
         x = self.normalize(self.augment(to_unit(self.read(self.local_batch, self._served))))
         self._served += 1
         return Batch(x=x, metrics=metrics)
