@@ -10,6 +10,7 @@ recipe composes, never a branch on a method's name here.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import time
@@ -65,8 +66,16 @@ class RunState:
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
-    """The accelerator for a run; launch topology comes from ``accelerate launch``, not the recipe."""
-    return Accelerator(mixed_precision=cfg.train.mixed_precision)
+    """The accelerator for a run; launch topology comes from ``accelerate launch``, not the recipe.
+
+    On a machine with no accelerator, a multi-process launch runs on the CPU over
+    gloo. accelerate 1.x starts several CPU processes itself only through mpirun;
+    its torchrun path (``--multi_gpu``, or ``recipes/accelerate/cpu.yaml``) starts
+    them without MPI, but would leave each process alone unless told to use the
+    CPU, which is what ``cpu=True`` does here.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=distributed and not torch.accelerator.is_available())
 
 
 def build_model(cfg: DictConfig, spec: DatasetSpec, role: str) -> nn.Module:

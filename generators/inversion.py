@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from generators.networks import reset_parameters_dcgan
+from generators.parallel import average_gradients, broadcast_module
 from generators.synthesizers import SYNTHESIZERS, Normalize, Synthesizer, eval_mode
 from generators.terms import Term
 
@@ -140,6 +141,7 @@ class InversionSynthesizer(Synthesizer):
 
     def _generator_round(self, device: torch.device) -> _Round:
         reset_parameters_dcgan(self.generator)
+        broadcast_module(self.generator)  # one generator per round across processes; the codes stay per shard
         z = torch.randn(self.batch_size, self.generator.nz, device=device, requires_grad=True)
 
         def render() -> Tensor:
@@ -159,6 +161,8 @@ class InversionSynthesizer(Synthesizer):
         current = self._new_round(device)
         optimizer = torch.optim.Adam(current.variables, lr=self.lr, betas=self.betas)
         trainable = [*current.variables, *self.term_parameters]
+        shared = [*(self.generator.parameters() if self.generator is not None else ()), *self.term_parameters]
+        replicated = [self.generator] if self.generator is not None else []
         if self.generator is not None:
             self.generator.train()
         with eval_mode(teacher, student):
@@ -179,6 +183,7 @@ class InversionSynthesizer(Synthesizer):
                 optimizer.zero_grad(set_to_none=True)
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward(inputs=trainable)
+                average_gradients(shared, replicated)
                 optimizer.step()
                 self.optimizer.step()
                 current.project()

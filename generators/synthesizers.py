@@ -11,6 +11,10 @@ Only the optimised parameters receive gradients: the backward pass is
 restricted to them (``backward(inputs=...)``), so the teacher's and the
 student's weights get no stray gradients during synthesis and no time is
 spent computing them.
+
+Under data parallelism each process synthesises its shard of the batch with
+one shared generator: replicas start equal and average their gradients before
+every update (:mod:`generators.parallel`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from generators.parallel import average_gradients, broadcast_module
 from generators.registry import Registry
 from generators.terms import SynthBatch, Term
 
@@ -63,9 +68,10 @@ class Synthesizer(nn.Module):
         return any(term.needs_student for term in self.terms.values())
 
     def attach(self, teacher: nn.Module, *, feature_module: nn.Module | None = None) -> None:
-        """Place the terms' hooks on ``teacher``."""
+        """Place the terms' hooks on ``teacher``; then every process holds rank 0's weights of what is trained."""
         for term in self.terms.values():
             term.attach(teacher, feature_module=feature_module)
+        broadcast_module(self)  # after the terms built their trainable parts (a projection head)
 
     def close(self) -> None:
         """Remove every hook; the teacher is left as it was found."""
@@ -236,6 +242,7 @@ class GenerativeSynthesizer(Synthesizer):
                 total, logs, batch = self.losses(self.render(z), teacher, student, weights, targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward(inputs=self.trainable)
+                average_gradients(self.trainable, [self.generator])
                 self.optimizer.step()
         self._last = (batch.x.detach(), batch.teacher.detach())
         return logs

@@ -51,6 +51,7 @@ class RealDataSource:
         self.dataset = env.train_set()
         self.normalize = env.normalize
         self.augment = env.augment
+        self.accelerator = env.accelerator
         self.device = env.accelerator.device
         self.rank = env.accelerator.process_index
         self.world = env.accelerator.num_processes
@@ -150,12 +151,29 @@ class RealDataSource:
             return
         if selection.index is not None:
             index = selection.index.sort().values
+            self._check_same_everywhere(index, ctx.epoch)
             if not torch.equal(index, self.active):
                 if len(index) == 0:
                     raise RuntimeError(f"curriculum selected no samples at epoch {ctx.epoch}")
                 self.active = index
                 self._pass, self._cursor, self._iter = self._pass + 1, 0, None
         self._log_selection(selection, ctx)
+
+    def _check_same_everywhere(self, index: Tensor, epoch: int) -> None:
+        """Every process must select the same subset, or their shards stop forming one global batch.
+
+        The curricula decide from scores gathered over all processes, so they agree by
+        construction; this one small collective per epoch makes a violation loud.
+        """
+        if self.world == 1:
+            return
+        signature = torch.stack([torch.tensor(len(index)), index.sum(), (index * index).sum()]).to(self.device)
+        gathered = self.accelerator.gather(signature).view(self.world, -1)
+        if not (gathered == gathered[0]).all():
+            raise RuntimeError(
+                f"the curriculum selected different subsets on different processes at epoch {epoch} "
+                f"(size, sum, sum of squares per process: {gathered.tolist()})"
+            )
 
     def _log_selection(self, selection: Selection, ctx: Context) -> None:
         """The active subset's size and class balance, the stage, and the difficulty behind it."""
