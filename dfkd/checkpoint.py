@@ -44,6 +44,7 @@ from dfkd.errors import CheckpointError
 __all__ = [
     "load_state_dict_file",
     "load_weights",
+    "check_fit",
     "save_model",
     "read_model_metadata",
     "atomic_write_bytes",
@@ -123,6 +124,16 @@ def load_weights(model: nn.Module, path: str | Path, *, what: str = "checkpoint"
         CheckpointError: listing missing keys, unexpected keys and shape mismatches.
     """
     state = load_state_dict_file(path)
+    check_fit(model, state, f"{what} {str(path)!r}")
+    model.load_state_dict(state, strict=True)
+
+
+def check_fit(model: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """Raise a :class:`CheckpointError` naming every missing, unexpected and mis-shaped key of ``state``.
+
+    Args:
+        what: how to call the weights in the error, e.g. ``"teacher checkpoint 'a.pt'"``.
+    """
     expected = model.state_dict()
     # BatchNorm fills in num_batches_tracked for checkpoints from PyTorch < 0.4.1, which lack it.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -133,14 +144,32 @@ def load_weights(model: nn.Module, path: str | Path, *, what: str = "checkpoint"
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or mismatched:
-        parts = [f"{what} {str(path)!r} does not fit {type(model).__name__}"]
+        parts = [f"{what} does not fit {type(model).__name__}"]
         for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")
-        parts.append("Check that the recipe's arch and the dataset's class count match the checkpoint.")
+        parts.append(_class_count_hint(expected, state, mismatched) or (
+            "Check that the recipe's arch and the dataset's class count and image size match the checkpoint."
+        ))
         raise CheckpointError(". ".join(parts))
-    model.load_state_dict(state, strict=True)
+
+
+def _class_count_hint(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], mismatched: list[str]) -> str | None:
+    """When only the classifier's output size differs, say that the class counts differ, and by how much."""
+    last = [k for k in expected if k.endswith(".weight")][-1:]  # the classifier comes last in every zoo model
+    if not last or not mismatched or len(mismatched) > 2:
+        return None
+    head = last[0].rsplit(".", 1)[0]
+    keys = [f"{head}.weight", f"{head}.bias"]
+    differ = [k for k in keys if k in expected and k in state and expected[k].shape != state[k].shape]
+    if len(differ) != len(mismatched) or not all(state[k].shape[1:] == expected[k].shape[1:] for k in differ):
+        return None
+    theirs, ours = state[differ[0]].shape[0], expected[differ[0]].shape[0]
+    return (
+        f"The checkpoint was trained for {theirs} classes and the model is built for {ours}, the dataset's class "
+        "count: use the checkpoint with the dataset it was trained on (data.name), or a checkpoint for this one."
+    )
 
 
 # --------------------------------------------------------------------------- writing

@@ -69,6 +69,10 @@ _LISTINGS = {
     "losses": _list_registry("dfkd.losses", "STUDENT_LOSSES"),
     "schedules": _list_registry("dfkd.policies.schedules", "SCHEDULES"),
     "sources": _list_registry("dfkd.sources", "SOURCES"),
+    "curricula": _list_registry("dfkd.curricula", "CURRICULA"),
+    "generators": _list_registry("generators.networks", "GENERATORS"),
+    "synthesizers": _list_registry("generators.synthesizers", "SYNTHESIZERS"),
+    "terms": _list_registry("generators.terms", "TERMS"),
     "optimizers": _list_registry("dfkd.optim", "OPTIMIZERS"),
 }
 

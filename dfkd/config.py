@@ -137,6 +137,11 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format for the networks: faster convolutions on CPUs and GPUs
     log_every: int = 50  # steps between scalar logs (each one syncs with the device)
     progress_bar: bool = True
+    # On a NaN or infinite loss term (checked at every log): "error" stops the run naming the term;
+    # "reload" goes back to the last good checkpoint and continues with fresh randomness, at most
+    # max_reloads times over the run.
+    nonfinite: str = "error"
+    max_reloads: int = 3
 
 
 @dataclass
@@ -420,6 +425,11 @@ def check_component(registry: Registry, spec: Any, path: str, reserved: Sequence
     schema = component_schema(registry.get(name), reserved)
     valid = [f.name for f in dataclasses.fields(schema)]
     for key in options:
+        if key in reserved:
+            raise ConfigError(
+                f"{path}.{key} is not a recipe option of {registry.name} {name!r}: the engine sets it from the "
+                "dataset. Remove it (to synthesise at another image size, set data.image_size)."
+            )
         if key not in valid:
             raise ConfigError(_unknown_key_message(f"{path}.{key}", key, valid) + f" ({registry.name} {name!r})")
     try:
@@ -484,7 +494,9 @@ def _check_components(cfg: DictConfig) -> None:
         raise ConfigError(
             f"train.mixed_precision must be one of 'no', 'bf16', 'fp16', got {cfg.train.mixed_precision!r}."
         )
-    for key, low in (("train.epochs", 1), ("train.eval_every", 1), ("train.checkpoint_every", 1),
+    if cfg.train.nonfinite not in ("error", "reload"):
+        raise ConfigError(f"train.nonfinite must be 'error' or 'reload', got {cfg.train.nonfinite!r}.")
+    for key, low in (("train.epochs", 1), ("train.eval_every", 1), ("train.checkpoint_every", 1), ("train.max_reloads", 0),
                      ("train.keep_checkpoints", 1), ("train.log_every", 1), ("eval.batch_size", 1)):
         if OmegaConf.select(cfg, key) < low:
             raise ConfigError(f"{key} must be at least {low}, got {OmegaConf.select(cfg, key)}.")

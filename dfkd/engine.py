@@ -13,6 +13,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -27,11 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dfkd.checkpoint import CheckpointManager, load_weights, save_model
+from dfkd.checkpoint import CheckpointManager, check_fit, load_weights, save_model
 from dfkd.config import load_config, save_config
 from dfkd.data import DatasetSpec, build_dataset
 from dfkd.data.transforms import Normalize, build_augmentation, to_unit
-from dfkd.errors import ConfigError, DfkdError, NonFiniteLossError
+from dfkd.errors import CheckpointError, ConfigError, DfkdError, NonFiniteLossError
 from dfkd.losses import StudentLoss
 from dfkd.metrics import per_sample_metrics, stability, summarize
 from dfkd.models import create_model
@@ -53,6 +54,7 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
     wall_s: float = 0.0  # accumulated over restarts
     synth_s: float = 0.0
+    reloads: int = 0  # faults survived by reloading a checkpoint (train.nonfinite=reload)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -277,7 +279,6 @@ class Trainer:
         self.state = RunState()
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self._last_per_sample: dict[str, Tensor] = {}  # the last step's per-sample loss and weights, for histograms
-        self._samples_since_log = 0
 
     # -- setup helpers
 
@@ -328,37 +329,80 @@ class Trainer:
             self.output_dir, enabled=self.accelerator.is_main_process, total_steps=self.total_steps,
             initial_step=self.state.step, progress_bar=cfg.train.progress_bar, history=self.state.history,
         )
-        meter = Meter()
-        started, wall_before = time.perf_counter(), self.state.wall_s
-        self._log_clock = (time.perf_counter(), self._synth_counters())
+        if cfg.train.nonfinite == "reload" and self.checkpoints.latest() is None:
+            self._save_checkpoint()  # a fault before the first epoch ends goes back to the start
         try:
-            for epoch in range(self.state.epoch, cfg.train.epochs):
-                ctx = self.context(epoch)
-                self.source.on_epoch_start(ctx)
-                for _ in range(self.state.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
-                    ctx.step = self.state.step
-                    batch = self.source.next_batch(ctx)
-                    meter.update(batch.metrics)
-                    meter.update(self.train_step(batch))
-                    self._samples_since_log += len(batch.x)
-                    self.state.step += 1
-                    if self.state.step % cfg.train.log_every == 0:
-                        self._log_training(meter)
-                    self.logger.progress()
-                self.source.on_epoch_end(ctx)
-                self.state.epoch = epoch + 1
-                self._log_training(meter)
-                self._log_images()
-                self.state.wall_s = wall_before + time.perf_counter() - started
-                last = self.state.epoch == cfg.train.epochs
-                if self.state.epoch % cfg.train.eval_every == 0 or last:
-                    self._evaluate_and_record()
-                if self.state.epoch % cfg.train.checkpoint_every == 0 or last:
-                    self._save_checkpoint()
-            self.state.wall_s = wall_before + time.perf_counter() - started
+            while True:
+                try:
+                    self._train_epochs()
+                    break
+                except NonFiniteLossError as fault:
+                    self._reload_after(fault)
             return self._finish()
         finally:
             self.logger.close()
+
+    def _train_epochs(self) -> None:
+        """The loop from the current state to the last epoch."""
+        cfg = self.cfg
+        meter = Meter()
+        self._clock = (time.perf_counter(), self.state.wall_s)
+        self._log_clock, self._samples_since_log = (time.perf_counter(), self._synth_counters()), 0
+        for epoch in range(self.state.epoch, cfg.train.epochs):
+            ctx = self.context(epoch)
+            self.source.on_epoch_start(ctx)
+            for _ in range(self.state.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                ctx.step = self.state.step
+                batch = self.source.next_batch(ctx)
+                meter.update(batch.metrics)
+                meter.update(self.train_step(batch))
+                self._samples_since_log += len(batch.x)
+                self.state.step += 1
+                if self.state.step % cfg.train.log_every == 0:
+                    self._log_training(meter)
+                self.logger.progress()
+            self.source.on_epoch_end(ctx)
+            self.state.epoch = epoch + 1
+            self._log_training(meter)  # before any checkpoint: a checkpoint never holds a non-finite run
+            self._log_images()
+            self._update_wall()
+            last = self.state.epoch == cfg.train.epochs
+            if self.state.epoch % cfg.train.eval_every == 0 or last:
+                self._evaluate_and_record()
+            if self.state.epoch % cfg.train.checkpoint_every == 0 or last:
+                self._save_checkpoint()
+        self._update_wall()
+
+    def _update_wall(self) -> None:
+        started, before = self._clock
+        self.state.wall_s = before + time.perf_counter() - started
+
+    def _reload_after(self, fault: NonFiniteLossError) -> None:
+        """The ``reload`` policy: back to the last good checkpoint with fresh randomness, or re-raise.
+
+        The reloaded state would replay the same batches into the same fault, so the
+        random streams are reseeded from the seed and the reload count.
+        """
+        cfg, reloads = self.cfg, self.state.reloads + 1
+        last = self.checkpoints.latest()
+        if cfg.train.nonfinite != "reload" or last is None:
+            raise fault
+        if reloads > cfg.train.max_reloads:
+            raise NonFiniteLossError(
+                f"{fault} This is fault {reloads}; train.max_reloads={cfg.train.max_reloads} reloads are spent."
+            ) from None
+        self._update_wall()
+        wall_s = self.state.wall_s  # time spent is not undone
+        self._load_checkpoint(last)
+        self.state.reloads, self.state.wall_s = reloads, wall_s
+        set_seed(cfg.seed + 1_000_003 * reloads, device_specific=True)
+        self.logger.rewind(self.state.step, self.state.history)
+        self.logger.scalars({"faults/reloads": float(reloads)}, self.state.step)
+        if self.accelerator.is_main_process:
+            print(
+                f"dfkd: warning: {fault} Reloaded {last} (step {self.state.step}); "
+                f"reload {reloads} of at most {cfg.train.max_reloads}.", file=sys.stderr, flush=True,
+            )
 
     def train_step(self, batch: Batch) -> dict[str, Tensor]:
         """One optimizer step of the student on ``batch``; returns named device scalars."""
@@ -395,7 +439,7 @@ class Trainer:
     # -- logging, evaluation, checkpoints
 
     def _log_training(self, meter: Meter) -> None:
-        means = meter.pop_means()
+        means = meter.pop_means(self._mean_over_processes)
         if not means:
             return
         bad = [name for name, value in means.items() if not np.isfinite(value)]
@@ -404,7 +448,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss at or before step {self.state.step} in: {', '.join(bad)}. "
                 f"The last good checkpoint is {str(last) if last else 'none (no checkpoint yet)'}; "
-                "lower the learning rate or the offending term's weight, then resume with train.resume=auto."
+                "lower the learning rate or the offending term's weight, then resume with train.resume=auto "
+                "(or let the run reload it by itself with train.nonfinite=reload)."
             )
         means["lr"] = self.scheduler.get_last_lr()[0]
         now, synth = time.perf_counter(), self._synth_counters()
@@ -418,6 +463,12 @@ class Trainer:
         for name, values in self._last_per_sample.items():
             self.logger.histogram(f"per_sample/{name}", values, self.state.step)
         self.logger.progress(0, loss=means["loss"])
+
+    def _mean_over_processes(self, sums: Tensor) -> Tensor:
+        """Every process logs, and checks for faults, the same means: those over all processes."""
+        if self.accelerator.num_processes == 1 or sums.device != self.device:  # host-known values agree already
+            return sums
+        return self.accelerator.reduce(sums, "mean")
 
     def _synth_counters(self) -> tuple[float, int]:
         """(seconds spent synthesising, images synthesised) so far, for sources that synthesise."""
@@ -468,15 +519,24 @@ class Trainer:
         folder = self.checkpoints.latest() if resume == "auto" else Path(resume)
         if folder is None:
             return  # nothing to resume from: a fresh start
+        self._load_checkpoint(folder)
+        if self.accelerator.is_main_process:
+            print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.step}", flush=True)
+
+    def _load_checkpoint(self, folder: Path) -> None:
         models, state, rng = CheckpointManager.load(folder, rank=self.accelerator.process_index)
         for name, module in self._checkpoint_modules().items():
+            if name not in models:
+                raise CheckpointError(
+                    f"checkpoint {str(folder)!r} has no {name!r} network: it was written by a run of another "
+                    "method. Resume only a run's own checkpoints, or start afresh without train.resume."
+                )
+            check_fit(module, models[name], f"the {name} in checkpoint {str(folder)!r}")
             module.load_state_dict(models[name])
         for name, obj in self._stateful().items():
             obj.load_state_dict(state[name])
         if rng is not None:
             _set_rng_state(rng)
-        if self.accelerator.is_main_process:
-            print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.step}", flush=True)
 
     def _finish(self) -> dict[str, Any]:
         cfg, history = self.cfg, self.state.history
@@ -490,7 +550,8 @@ class Trainer:
         self.state.synth_s = float(getattr(self.source, "synth_seconds", 0.0))
         summary.update(
             wall_s=self.state.wall_s, synth_s=self.state.synth_s, peak_mem_mb=_peak_memory_mb(self.device),
-            steps=self.state.step, epochs=self.state.epoch, seed=cfg.seed, processes=self.accelerator.num_processes,
+            steps=self.state.step, epochs=self.state.epoch, reloads=self.state.reloads, seed=cfg.seed,
+            processes=self.accelerator.num_processes,
             git_commit=_git_commit(),
         )
         if self.accelerator.is_main_process:

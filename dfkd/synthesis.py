@@ -145,7 +145,15 @@ def build_synthesizer(
     generator = None
     if "generator" in spec:
         gen_spec = spec.pop("generator")
-        generator = GENERATORS.get(gen_spec.pop("name"))(image_size=image_size, channels=channels, **gen_spec).to(device)
+        gen_name = gen_spec.pop("name")
+        try:
+            generator = GENERATORS.get(gen_name)(image_size=image_size, channels=channels, **gen_spec).to(device)
+        except ValueError as exc:
+            raise ConfigError(
+                f"synthesizer.generator {gen_name!r} cannot make {channels}x{image_size}x{image_size} images, the "
+                f"dataset's size: {exc}. The generator always synthesises at the dataset's image size; choose a "
+                "data.image_size it supports, or another generator (`dfkd list generators`)."
+            ) from None
     terms: dict[str, Term] = {}
     schedules: dict[str, Schedule] = {}
     for term_name, options in spec.pop("terms").items():

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +47,22 @@ class Meter:
     def __len__(self) -> int:
         return max(self._counts.values(), default=0)
 
-    def pop_means(self) -> dict[str, float]:
-        """The means since the last call (one device-to-host transfer), and reset."""
+    def pop_means(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        """The means since the last call (one device-to-host transfer per device), and reset.
+
+        ``reduce`` maps each device's stacked ``[N]`` sums to what is reported, e.g.
+        their average over processes; it sees one tensor per device holding values.
+        """
         if not self._sums:
             return {}
         means: dict[str, float] = {}
         for device in {s.device for s in self._sums.values()}:  # one transfer per device
             names = [n for n, s in self._sums.items() if s.device == device]
             counts = torch.tensor([self._counts[n] for n in names], dtype=torch.float32)
-            sums = torch.stack([self._sums[n] for n in names]).cpu()
-            means.update(zip(names, (sums / counts).tolist()))
+            sums = torch.stack([self._sums[n] for n in names])
+            if reduce is not None:  # every process counts the same updates, so reducing sums reduces means
+                sums = reduce(sums)
+            means.update(zip(names, (sums.cpu() / counts).tolist()))
         means = {name: means[name] for name in self._sums}  # first-logged order
         self._sums, self._counts = {}, {}
         return means
@@ -123,7 +129,7 @@ class RunLogger:
         self._bar = None
         if not enabled:
             return
-        atomic_write_bytes(self.dir / "metrics.jsonl", "".join(_json_line(entry) for entry in history).encode())
+        self._write_history(history)
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
@@ -156,6 +162,21 @@ class RunLogger:
             return
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(_json_line(entry))
+
+    def rewind(self, step: int, history: Sequence[Mapping[str, Any]]) -> None:
+        """Go back to ``step`` with ``history`` (a reloaded checkpoint's): ``metrics.jsonl`` and the bar follow.
+
+        TensorBoard keeps the abandoned stretch; the resumed curves overwrite it from ``step`` on.
+        """
+        if not self.enabled:
+            return
+        self._write_history(history)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def _write_history(self, history: Sequence[Mapping[str, Any]]) -> None:
+        atomic_write_bytes(self.dir / "metrics.jsonl", "".join(_json_line(entry) for entry in history).encode())
 
     def progress(self, n: int = 1, **postfix: float) -> None:
         if self._bar is not None:

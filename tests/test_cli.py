@@ -59,7 +59,52 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
 def test_a_teacher_for_another_class_count_is_named(tmp_path):
     torch.save({"state_dict": create_model("lenet5_half", num_classes=100).state_dict()}, tmp_path / "t100.pth")
     proc = _run("eval", "student.arch=lenet5_half", f"student.checkpoint={tmp_path / 't100.pth'}", "data.test_samples=8")
-    _assert_clean_error(proc, "fc.2.weight: file (100, 42) vs model (10, 42)")
+    _assert_clean_error(proc, "fc.2.weight: file (100, 42) vs model (10, 42)", "trained for 100 classes", "built for 10")
+
+
+def _main_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """Run the CLI in this process; it must exit 2 with a one-paragraph error, which is returned."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dfkd: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def bn_teacher(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.safetensors"
+    save_model(create_model("resnet8", num_classes=10), path)
+    return path
+
+
+def test_a_generator_that_cannot_make_the_dataset_image_size_is_named(tmp_path, capsys, bn_teacher):
+    err = _main_error(
+        capsys, "train", "recipes/quickstart.yaml", "teacher.recipe=null", "teacher.arch=resnet8",
+        f"teacher.checkpoint={bn_teacher}", "data.image_size=30", "data.test_samples=8", f"output_dir={tmp_path}",
+    )
+    assert "'dcgan' cannot make 3x30x30 images" in err and "multiple of 4" in err and "data.image_size" in err
+
+
+def test_the_generator_image_size_is_not_a_recipe_option(tmp_path, capsys):
+    err = _main_error(capsys, "train", "recipes/quickstart.yaml", "synthesizer.generator.image_size=28")
+    assert "synthesizer.generator.image_size is not a recipe option" in err and "data.image_size" in err
+
+
+def test_an_output_dir_that_cannot_be_written_is_named(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = _main_error(capsys, "train", "recipes/procedural/teacher_resnet20.yaml", *TINY, f"output_dir={blocker / 'run'}")
+    assert f"cannot write to output_dir '{blocker / 'run'}'" in err and "output_dir=PATH" in err
+
+
+def test_resuming_a_checkpoint_of_another_architecture_names_the_keys(tmp_path, capsys):
+    assert main(["train", "recipes/procedural/teacher_resnet20.yaml", *TINY, f"output_dir={tmp_path / 'a'}"]) == 0
+    checkpoint = next((tmp_path / "a" / "checkpoints").glob("step_*"))
+    err = _main_error(
+        capsys, "train", "recipes/procedural/teacher_resnet20.yaml", *TINY, "student.arch=resnet8",
+        f"train.resume={checkpoint}", f"output_dir={tmp_path / 'b'}",
+    )
+    assert f"the student in checkpoint '{checkpoint}' does not fit ResNet" in err and "missing keys" in err
 
 
 def test_train_then_eval_prints_json(tmp_path, capsys):

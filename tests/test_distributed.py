@@ -63,7 +63,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(recipe: str, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
+def _launch(recipe: str, *overrides: str, processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file recipes/accelerate/cpu.yaml -m dfkd train ...`` on a free port."""
     launcher = Path(sys.executable).with_name("accelerate")
     cmd = [
@@ -72,7 +72,7 @@ def _launch(recipe: str, *overrides: str, processes: int = 2) -> subprocess.Comp
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-4000:]
     return proc
 
 
@@ -143,6 +143,12 @@ def test_dcd_runs_under_two_processes_with_one_selection(tmp_path, teacher):
     summary = _summary(run)
     assert summary["processes"] == 2 and summary["epochs"] == 3
     assert (run / "checkpoints").is_dir()
+
+
+def test_a_batch_smaller_than_the_process_count_is_refused_by_name(tmp_path):
+    proc = _launch(_recipe(tmp_path), *TINY, "source.batch_size=1", f"output_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode != 0
+    assert "dfkd: error: source.batch_size=1 is smaller than the 2 processes launched" in proc.stderr, proc.stderr[-3000:]
 
 
 # -- the synthesizers' replicas, in two spawned processes

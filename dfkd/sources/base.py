@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from dfkd.errors import ConfigError
 from dfkd.registry import Registry
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from dfkd.data import DatasetSpec, ImageDataset
     from dfkd.data.transforms import Normalize
 
-__all__ = ["Batch", "Context", "SourceEnv", "SampleSource", "SOURCES"]
+__all__ = ["Batch", "Context", "SourceEnv", "SampleSource", "SOURCES", "per_process"]
 
 
 @dataclass
@@ -100,3 +101,22 @@ class SampleSource(Protocol):
 
 
 SOURCES: Registry[Callable[..., SampleSource]] = Registry("sources")
+
+
+def per_process(batch_size: int, processes: int, key: str) -> int:
+    """Each process's share of the global ``batch_size`` set by the recipe key ``key``.
+
+    Raises:
+        ConfigError: the batch is smaller than the process count, or does not split evenly.
+    """
+    if batch_size < processes:
+        raise ConfigError(
+            f"{key}={batch_size} is smaller than the {processes} processes launched: each process needs at least "
+            f"one sample of every batch. Use a batch that is a multiple of {processes}, or launch fewer processes "
+            "(accelerate launch --num_processes)."
+        )
+    if batch_size % processes:
+        raise ConfigError(
+            f"{key}={batch_size} does not split evenly over {processes} processes; use a multiple of the process count."
+        )
+    return batch_size // processes

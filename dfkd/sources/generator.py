@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dfkd.errors import ConfigError
 from dfkd.models import penultimate_module
-from dfkd.sources.base import SOURCES, Batch, Context, SourceEnv
+from dfkd.sources.base import SOURCES, Batch, Context, SourceEnv, per_process
 from dfkd.synthesis import build_synthesizer
 from dfkd.tracking import Stopwatch
 
@@ -34,13 +34,9 @@ class SynthesisMixin:
             raise ConfigError(f"source {cfg.source.name!r} synthesises from a teacher: add a 'teacher' section.")
         self.accelerator = env.accelerator
         world = env.accelerator.num_processes
-        synth_batch = cfg.synthesizer.get("batch_size") or batch_size
-        for key, value in (("source.batch_size", batch_size), ("synthesizer.batch_size", synth_batch)):
-            if value % world:
-                raise ConfigError(
-                    f"{key}={value} does not split evenly over {world} processes; use a multiple of the process count."
-                )
-        self.local_batch = batch_size // world
+        self.local_batch = per_process(batch_size, world, "source.batch_size")
+        synth_batch = cfg.synthesizer.get("batch_size")
+        local_synth_batch = per_process(synth_batch, world, "synthesizer.batch_size") if synth_batch else self.local_batch
         self.built = build_synthesizer(
             cfg.synthesizer,
             image_size=env.spec.image_size,
@@ -51,7 +47,7 @@ class SynthesisMixin:
             teacher=env.teacher,
             feature_module=penultimate_module(env.teacher),
             device=env.accelerator.device,
-            batch_size=synth_batch // world,
+            batch_size=local_synth_batch,
         )
         self.synthesizer = self.built.synthesizer
         if cfg.train.channels_last and self.built.generator is not None:

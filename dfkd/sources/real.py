@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from dfkd.curricula import CURRICULA, Curriculum, Scorer, Selection
 from dfkd.data.transforms import to_unit
 from dfkd.errors import ConfigError
-from dfkd.sources.base import SOURCES, Batch, Context, SourceEnv
+from dfkd.sources.base import SOURCES, Batch, Context, SourceEnv, per_process
 
 __all__ = ["RealDataSource"]
 
@@ -56,11 +56,7 @@ class RealDataSource:
         self.rank = env.accelerator.process_index
         self.world = env.accelerator.num_processes
         self.seed = env.seed
-        if batch_size % self.world:
-            raise ConfigError(
-                f"source.batch_size={batch_size} does not split evenly over {self.world} processes; "
-                "use a multiple of the process count."
-            )
+        self.shard = per_process(batch_size, self.world, "source.batch_size")
         self.batch_size = batch_size
         self.targets: Tensor = torch.as_tensor(self.dataset.targets)
         self.num_workers = num_workers
@@ -104,10 +100,9 @@ class RealDataSource:
 
     def _shards(self, pass_index: int, start: int) -> Iterator[Tensor]:
         order = self._pass_order(pass_index)
-        shard = self.batch_size // self.world
         for b in range(start, len(order) // self.batch_size):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield batch[self.rank * shard : (self.rank + 1) * shard]
+            yield batch[self.rank * self.shard : (self.rank + 1) * self.shard]
 
     def _read(self, pass_index: int, start: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         images = getattr(self.dataset, "images", None)
