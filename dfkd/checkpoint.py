@@ -233,9 +233,11 @@ class CheckpointManager:
     """Complete, verifiable run checkpoints under ``root``, keeping the newest ``keep``.
 
     A checkpoint folder holds ``<name>.safetensors`` per model, ``state.pt``
-    (optimiser, scheduler, source, policies, run counters; loaded with
-    ``weights_only=True``), ``rng_<rank>.pt`` per process, and
-    ``manifest.json`` listing every file's size and SHA-256.
+    (what all processes share: optimiser, scheduler, policies, run counters),
+    ``process_<rank>.pt`` per process (what is each process's own: its random
+    streams and its shard of the sample source, such as its part of a pool),
+    both loaded with ``weights_only=True``, and ``manifest.json`` listing every
+    file's size and SHA-256.
 
     In a multi-process run every process calls :meth:`save`; the main process
     writes the shared files and publishes the folder once all are in.
@@ -250,7 +252,7 @@ class CheckpointManager:
         step: int,
         models: Mapping[str, nn.Module],
         state: Mapping[str, Any],
-        rng: Mapping[str, Any],
+        local: Mapping[str, Any],
         *,
         rank: int = 0,
         is_main: bool = True,
@@ -265,7 +267,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         wait()
-        atomic_write_bytes(tmp / f"rng_{rank}.pt", _torch_bytes(dict(rng)))
+        atomic_write_bytes(tmp / f"process_{rank}.pt", _torch_bytes(dict(local)))
         wait()
         if is_main:
             for name, model in models.items():
@@ -301,17 +303,27 @@ class CheckpointManager:
         return None
 
     @staticmethod
-    def load(folder: str | Path, rank: int = 0) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any], dict[str, Any] | None]:
-        """Read a checkpoint: ``(model state dicts by name, state, this rank's RNG state or None)``."""
+    def load(folder: str | Path, rank: int = 0) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any], dict[str, Any]]:
+        """Read a checkpoint: ``(model state dicts by name, shared state, this process's own state)``.
+
+        A run resumed on more processes than it was saved from gives the extra
+        processes rank 0's own state, with a warning: it continues, but not exactly.
+        """
         folder = Path(folder)
         problem = verify_checkpoint(folder)
         if problem is not None:
             raise CheckpointError(f"checkpoint {str(folder)!r} is not usable: {problem}")
         models = {p.stem: load_file(p, device="cpu") for p in folder.glob("*.safetensors")}
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        rng_file = folder / f"rng_{rank}.pt"
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
-        return models, state, rng
+        local_file = folder / f"process_{rank}.pt"
+        if not local_file.exists():
+            warnings.warn(
+                f"{folder} was saved by fewer processes than this run has; process {rank} starts from process 0's "
+                "random streams and source state, so the resumed run is not an exact continuation.", stacklevel=2,
+            )
+            local_file = folder / "process_0.pt"
+        local = torch.load(local_file, map_location="cpu", weights_only=True)
+        return models, state, local
 
 
 def _file_record(path: Path) -> dict[str, Any]:

@@ -494,7 +494,8 @@ class Trainer:
         self.logger.record(entry)
 
     def _stateful(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "source": self.source, "run": self.state}
+        """What every process holds the same of; the source's state is each process's own (its shard)."""
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "run": self.state}
 
     def _checkpoint_modules(self) -> dict[str, nn.Module]:
         extra = getattr(self.source, "checkpoint_modules", None)
@@ -507,7 +508,7 @@ class Trainer:
         self.state.synth_s = float(getattr(self.source, "synth_seconds", 0.0))
         state = {name: obj.state_dict() for name, obj in self._stateful().items()}
         return self.checkpoints.save(
-            self.state.step, self._checkpoint_modules(), state, _rng_state(),
+            self.state.step, self._checkpoint_modules(), state, {"rng": _rng_state(), "source": self.source.state_dict()},
             rank=self.accelerator.process_index, is_main=self.accelerator.is_main_process,
             barrier=self.accelerator.wait_for_everyone,
         )
@@ -524,7 +525,7 @@ class Trainer:
             print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.step}", flush=True)
 
     def _load_checkpoint(self, folder: Path) -> None:
-        models, state, rng = CheckpointManager.load(folder, rank=self.accelerator.process_index)
+        models, state, local = CheckpointManager.load(folder, rank=self.accelerator.process_index)
         for name, module in self._checkpoint_modules().items():
             if name not in models:
                 raise CheckpointError(
@@ -535,8 +536,8 @@ class Trainer:
             module.load_state_dict(models[name])
         for name, obj in self._stateful().items():
             obj.load_state_dict(state[name])
-        if rng is not None:
-            _set_rng_state(rng)
+        self.source.load_state_dict(local["source"])
+        _set_rng_state(local["rng"])
 
     def _finish(self) -> dict[str, Any]:
         cfg, history = self.cfg, self.state.history
@@ -548,11 +549,11 @@ class Trainer:
                 summary[f"best_{metric}"] = max(values)
         summary.update(stability([h["acc1"] for h in history], [h["epoch"] for h in history], cfg.train.epochs, cfg.eval.stability_from))
         self.state.synth_s = float(getattr(self.source, "synth_seconds", 0.0))
+        peaks = self.accelerator.gather(torch.tensor([_peak_memory_mb(self.device)], device=self.device)).tolist()
         summary.update(
-            wall_s=self.state.wall_s, synth_s=self.state.synth_s, peak_mem_mb=_peak_memory_mb(self.device),
+            wall_s=self.state.wall_s, synth_s=self.state.synth_s, peak_mem_mb=max(peaks), peak_mem_mb_per_process=peaks,
             steps=self.state.step, epochs=self.state.epoch, reloads=self.state.reloads, seed=cfg.seed,
-            processes=self.accelerator.num_processes,
-            git_commit=_git_commit(),
+            processes=self.accelerator.num_processes, git_commit=_git_commit(),
         )
         if self.accelerator.is_main_process:
             save_model(self.unwrapped_student, self.output_dir / "student.safetensors", {

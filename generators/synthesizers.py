@@ -132,6 +132,13 @@ class Synthesizer(nn.Module):
     def step(self, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def carried_state(self) -> dict[str, Tensor]:
+        """Tensors kept from one step to the next outside any module, for checkpoints (none by default)."""
+        return {}
+
+    def load_carried_state(self, state: Mapping[str, Tensor]) -> None:
+        """Restore what :meth:`carried_state` returned."""
+
     def sample(self, n: int) -> tuple[Tensor, Tensor | None]:
         """``n`` normalised samples ``[n, C, H, W]`` without gradients, and the teacher's logits on
         exactly those samples when the synthesizer already has them (else ``None``)."""
@@ -246,6 +253,13 @@ class GenerativeSynthesizer(Synthesizer):
                 self.optimizer.step()
         self._last = (batch.x.detach(), batch.teacher.detach())
         return logs
+
+    def carried_state(self) -> dict[str, Tensor]:
+        """The last update's batch and its teacher logits: ``sample_from='last'`` serves them until the next update."""
+        return {} if self._last is None else {"x": self._last[0], "teacher": self._last[1]}
+
+    def load_carried_state(self, state: Mapping[str, Tensor]) -> None:
+        self._last = (state["x"].to(self.device), state["teacher"].to(self.device)) if state else None
 
     @torch.no_grad()
     def sample(self, n: int) -> tuple[Tensor, Tensor | None]:

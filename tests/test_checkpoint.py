@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import threading
 
 import pytest
 import torch
@@ -101,10 +102,31 @@ def test_checkpoints_keep_the_last_k_and_reload(tmp_path):
     for step in (10, 20, 30):
         _save(manager, step, float(step))
     assert [p.name for p in manager.complete()] == ["step_00000020", "step_00000030"]
-    models, state, rng = CheckpointManager.load(manager.latest())
+    models, state, local = CheckpointManager.load(manager.latest())
     assert state == {"run": {"step": 30}}
     assert torch.all(models["student"]["weight"] == 30.0)
-    assert torch.equal(rng["torch"], torch.get_rng_state())
+    assert torch.equal(local["torch"], torch.get_rng_state())
+
+
+def test_each_process_gets_its_own_state_and_a_new_process_gets_rank_0s_with_a_warning(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    model = nn.Linear(2, 2)
+    barrier = threading.Barrier(2)  # two threads play the two processes of a run, with their barrier
+
+    def save(rank: int) -> None:
+        manager.save(5, {"student": model}, {"run": {}}, {"shard": torch.full((2,), float(rank))},
+                     rank=rank, is_main=rank == 0, barrier=barrier.wait)
+
+    threads = [threading.Thread(target=save, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert verify_checkpoint(manager.latest()) is None, "both processes' files are in the manifest"
+    assert torch.equal(CheckpointManager.load(manager.latest(), rank=1)[2]["shard"], torch.ones(2))
+    with pytest.warns(UserWarning, match="saved by fewer processes"):
+        local = CheckpointManager.load(manager.latest(), rank=2)[2]
+    assert torch.equal(local["shard"], torch.zeros(2))
 
 
 def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path):

@@ -84,6 +84,7 @@ class SynthesisMixin:
         return {
             "terms": self.synthesizer.terms.state_dict(),
             "optimizer": self.synthesizer.optimizer.state_dict(),
+            "carried": self.synthesizer.carried_state(),
             "synth_seconds": self.synth_seconds,
             "synth_images": self.synth_images,
         }
@@ -91,6 +92,7 @@ class SynthesisMixin:
     def _load_synthesis_state(self, state: dict[str, Any]) -> None:
         self.synthesizer.terms.load_state_dict(state["terms"])
         self.synthesizer.optimizer.load_state_dict(state["optimizer"])
+        self.synthesizer.load_carried_state(state["carried"])
         self.stopwatch = Stopwatch(self.accelerator.device, seconds=float(state["synth_seconds"]))
         self.synth_images = int(state["synth_images"])
 
