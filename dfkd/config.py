@@ -39,12 +39,13 @@ import inspect
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dfkd.errors import ConfigError
@@ -218,7 +219,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
 def _read_recipe(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and OmegaConf's grammar errors alike
+    except OmegaConfBaseException as exc:  # a grammar error, as in a bad interpolation: named by its key
+        raise ConfigError(f"recipe {str(path)!r}: {_translate(exc)}") from None
+    except Exception as exc:  # yaml.YAMLError
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got a {type(loaded).__name__}.")
@@ -268,13 +271,74 @@ def merge_config(*layers: Any) -> DictConfig:
                 "recipe file; it cannot be merged as a config section."
             )
         _check_keys(container, RunConfig, "")
-        _drop_renamed_components(cfg, container)
         try:
-            cfg = OmegaConf.merge(cfg, container)
+            _drop_renamed_components(cfg, container)
         except OmegaConfBaseException as exc:
             raise _translate(exc) from None
+        cfg = _merge(cfg, container)
+    _resolve(cfg)
     _check_components(cfg)
     return cfg
+
+
+def _merge(cfg: DictConfig, layer: Any, prefix: str = "") -> DictConfig:
+    """``OmegaConf.merge(cfg, layer)``, with its errors turned into a :class:`ConfigError` that names the key."""
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except OmegaConfBaseException as exc:
+        raise _translate(exc, prefix) from None
+    except TypeError:  # OmegaConf refuses a mapping over a list, or a list over a mapping, with a bare TypeError
+        clash = _container_clash(cfg, layer, prefix)
+        if clash is None:
+            raise
+        raise ConfigError(clash) from None
+
+
+def _container_clash(node: Any, layer: Any, prefix: str = "") -> str | None:
+    """Where ``layer`` puts a mapping over a list node, or a list over a mapping node: a message naming the key.
+
+    Nodes, not values, because a typed node that holds null (``data.mean``) still takes only its own kind.
+    """
+    if OmegaConf.is_dict(node) and isinstance(layer, Mapping):
+        if node._is_none():  # a null mapping takes any mapping
+            return None
+        for key, value in layer.items():
+            clash = _container_clash(node._get_node(key), value, f"{prefix}{key}.")
+            if clash is not None:
+                return clash
+        return None
+    if OmegaConf.is_dict(node) and isinstance(layer, Sequence) and not isinstance(layer, str):  # a list, plain or not
+        return f"config key {prefix[:-1]!r} holds a mapping, got {layer!r}."
+    if OmegaConf.is_config(node) and isinstance(node, Sequence) and isinstance(layer, Mapping):  # a list or a tuple
+        return f"config key {prefix[:-1]!r} holds a list, got {layer!r}."
+    return None
+
+
+def _resolve(cfg: DictConfig) -> None:
+    """Resolve every interpolation in place, once: a bad one fails here, named by its key."""
+    for key, value in _strings(OmegaConf.to_container(cfg)):
+        if "${" in value:
+            try:
+                OmegaConf.select(cfg, key, throw_on_resolution_failure=True, throw_on_missing=True)
+            except OmegaConfBaseException as exc:
+                reason = str(exc).splitlines()[0]
+                raise ConfigError(f"config key {key!r}: {value!r} does not resolve: {reason}.") from None
+    OmegaConf.resolve(cfg)
+    for key, value in _strings(OmegaConf.to_container(cfg)):
+        if "${" in value:  # an escaped interpolation resolves to one, which the saved config would read back as such
+            raise ConfigError(f"config key {key!r} resolves to {value!r}; a recipe cannot hold a literal '${{'.")
+
+
+def _strings(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Every string value of a nested plain config, with its dotted key (list items as ``key[i]``)."""
+    if isinstance(tree, str):
+        yield prefix, tree
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _strings(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _strings(value, f"{prefix}[{i}]")
 
 
 def _drop_renamed_components(cfg: DictConfig, layer: Mapping[str, Any]) -> None:
@@ -301,13 +365,20 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    cli = OmegaConf.create()
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10).")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from None
+        try:
+            cli.merge_with_dotlist([item])
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote it to pass a string."
+            ) from None
+        except (OmegaConfBaseException, ValueError, TypeError) as exc:  # e.g. a key into a list an earlier override set
+            raise ConfigError(f"override {item!r} cannot be applied: {str(exc).splitlines()[0]}") from None
+    return cli
 
 
 # --------------------------------------------------------------------------- validation
@@ -337,6 +408,11 @@ def _check_keys(data: Any, schema: type, prefix: str) -> None:
             raise ConfigError(_unknown_key_message(full, str(key), list(fields)))
         sub = _unwrap_optional(hints[key])
         if dataclasses.is_dataclass(sub):
+            optional = sub is not hints[key]
+            if not isinstance(value, Mapping) and not (value is None and optional):
+                raise ConfigError(
+                    f"config key {full!r} is a section: a mapping of {', '.join(_schema_fields(sub))}; got {value!r}."
+                )
             _check_keys(value, sub, f"{full}.")
 
 
@@ -363,6 +439,8 @@ def _translate(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
     if isinstance(exc, ValidationError):
         expected = _expected_type(exc)
         value = getattr(exc, "value", None)
+        if isinstance(value, Node):  # a null assigned to a field that is not Optional
+            value = value._value()
         return ConfigError(
             f"config key {full_key!r} expects {expected}, got {value!r} ({type(value).__name__})."
         )
@@ -377,7 +455,12 @@ def _expected_type(exc: ValidationError) -> str:
         if key in hints:
             return _type_name(hints[key])
     message = str(exc).splitlines()[0]
-    return message.split("converted to ")[-1] if "converted to " in message else "another type"
+    if "is not Optional" in message:
+        return "a value, not null"
+    for marker in ("converted to ", "is not a subclass of ", "field of type "):  # a scalar, a list item, a dict value
+        if marker in message:
+            return message.split(marker)[-1].split(". value:")[0].strip("'")
+    return "another type"
 
 
 # --------------------------------------------------------------------------- component specs
@@ -420,7 +503,7 @@ def check_component(registry: Registry, spec: Any, path: str, reserved: Sequence
         raise ConfigError(f"{path!r} must be a mapping with a 'name' key from the {registry.name} registry, got {spec!r}.")
     options = {k: v for k, v in spec.items() if k != "name"}
     name = spec["name"]
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         raise ConfigError(f"{path}.name: {registry.unknown_message(name)}")
     schema = component_schema(registry.get(name), reserved)
     valid = [f.name for f in dataclasses.fields(schema)]
@@ -430,12 +513,13 @@ def check_component(registry: Registry, spec: Any, path: str, reserved: Sequence
                 f"{path}.{key} is not a recipe option of {registry.name} {name!r}: the engine sets it from the "
                 "dataset. Remove it (to synthesise at another image size, set data.image_size)."
             )
-        if key not in valid:
-            raise ConfigError(_unknown_key_message(f"{path}.{key}", key, valid) + f" ({registry.name} {name!r})")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), options)
-    except OmegaConfBaseException as exc:
-        raise _translate(exc, prefix=f"{path}.") from None
+        if key not in valid:  # every unknown key is named: with `name` misspelt, the default component rejects them all
+            also = [repr(f"{path}.{k}") for k in options if k not in valid and k not in reserved and k != key]
+            raise ConfigError(
+                _unknown_key_message(f"{path}.{key}", key, valid) + f" ({registry.name} {name!r})"
+                + (f" Also unknown: {', '.join(also)}." if also else "")
+            )
+    merged = _merge(OmegaConf.structured(schema), options, prefix=f"{path}.")
     missing = OmegaConf.missing_keys(merged)
     if missing:
         raise ConfigError(f"{path}: {registry.name} {name!r} needs {', '.join(sorted(missing))}.")
@@ -456,6 +540,11 @@ _COMPONENT_DEFAULTS = {
 
 def _check_components(cfg: DictConfig) -> None:
     """Check every registry name and component spec, so a typo fails before any work starts."""
+    missing = sorted(OmegaConf.missing_keys(cfg))  # '???': the schema's student.arch, or a value a recipe left to set
+    if missing:
+        if missing[0].endswith(".arch"):
+            raise ConfigError(f"{missing[0]} is required: a name from the model zoo (see `dfkd list models`).")
+        raise ConfigError(f"{missing[0]} is required: set it in the recipe or on the command line.")
     for key, default in _COMPONENT_DEFAULTS.items():
         current = OmegaConf.select(cfg, key)
         if current is None:
@@ -478,8 +567,6 @@ def _check_components(cfg: DictConfig) -> None:
         model = cfg[role]
         if model is None:
             continue
-        if model.arch == "???":
-            raise ConfigError(f"{role}.arch is required: a name from the model zoo (see `dfkd list models`).")
         names = list_models()
         if model.arch not in names:
             close = close_matches(model.arch, names)
@@ -490,6 +577,8 @@ def _check_components(cfg: DictConfig) -> None:
             raise ConfigError(f"loss.terms: {STUDENT_LOSSES.unknown_message(term)}")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name: {OPTIMIZERS.unknown_message(cfg.optim.name)}")
+    if cfg.train.mixed_precision == "False":  # YAML reads a bare `no` (train.mixed_precision=no) as false
+        cfg.train.mixed_precision = "no"
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(
             f"train.mixed_precision must be one of 'no', 'bf16', 'fp16', got {cfg.train.mixed_precision!r}."

@@ -82,6 +82,9 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
         )
     terms = spec.get("terms") or {}
     if isinstance(terms, Mapping):
+        for name in terms:  # before nulls are dropped: a null under a misspelt name would remove nothing, silently
+            if name not in TERMS:
+                raise ConfigError(f"{path}.terms.{name}: {TERMS.unknown_message(name)}")
         terms = {name: value for name, value in terms.items() if value is not None}  # null removes a term
     if not isinstance(terms, Mapping) or not terms:
         raise ConfigError(f"{path}.terms must map at least one term of {TERMS.names()} to its weight.")
