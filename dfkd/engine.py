@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -76,6 +77,13 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     them without MPI, but would leave each process alone unless told to use the
     CPU, which is what ``cpu=True`` does here.
     """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != cfg.train.mixed_precision:
+        # accelerate keeps one state per process and refuses a second precision. One process runs several
+        # recipes in turn when a run trains its teacher first (each with its own precision), so start the
+        # precision state afresh; the process group, which belongs to PartialState, is kept. (accelerate's
+        # own test harness resets it the same way.)
+        AcceleratorState._reset_state(reset_partial_state=False)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=distributed and not torch.accelerator.is_available())
 
@@ -221,11 +229,13 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
+        # The teacher's own run comes first: before seeding, so a reused and a freshly trained teacher give
+        # the same run, and before this run's accelerator, whose precision state the teacher run would reset.
+        ensure_teacher(cfg)
         self.accelerator = accelerator or make_accelerator(cfg)
         self.device = self.accelerator.device
         self.output_dir = Path(cfg.output_dir)
         self._prepare_output_dir()
-        ensure_teacher(cfg)  # before seeding, so a reused and a freshly trained teacher give the same run
         set_seed(cfg.seed, device_specific=True)
 
         data = cfg.data

@@ -56,3 +56,24 @@ def test_a_bf16_run_autocasts_and_stays_finite(tmp_path, teacher, method):
         assert math.isfinite(summary[key]), key
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["final_loyalty"] == summary["final_loyalty"]
+
+
+def test_a_bf16_run_trains_its_missing_teacher_in_the_teacher_recipes_own_precision(tmp_path):
+    # One process, two recipes in turn: the teacher's (fp32), then the student's (bf16).
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text(
+        "student: {arch: resnet8}\n"
+        "data: {name: procedural, train_samples: 64, test_samples: 32, num_workers: 0}\n"
+        "source: {batch_size: 32}\n"
+        "train: {epochs: 1, progress_bar: false}\n"
+    )
+    checkpoint = tmp_path / "teacher" / "student.safetensors"
+    cfg = load_config(METHODS["cudfkd"][0], [
+        *SHRINK, *METHODS["cudfkd"][2:], f"teacher.recipe={recipe}", f"teacher.checkpoint={checkpoint}",
+        "train.mixed_precision=bf16", f"output_dir={tmp_path / 'run'}",
+    ])
+    trainer = Trainer(cfg)
+    assert checkpoint.is_file()
+    assert json.loads((tmp_path / "teacher" / "summary.json").read_text())["steps"] == 2
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.fit()["steps"] == 4
