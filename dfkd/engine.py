@@ -15,6 +15,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,7 +86,14 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         # own test harness resets it the same way.)
         AcceleratorState._reset_state(reset_partial_state=False)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=distributed and not torch.accelerator.is_available())
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=distributed and not torch.accelerator.is_available())
+    if cfg.train.mixed_precision == "fp16" and not accelerator.native_amp:
+        warnings.warn(
+            f"train.mixed_precision=fp16 has no effect on {accelerator.device.type}: accelerate enables fp16 "
+            "autocast only on GPUs, so this run computes in float32. For mixed precision on a CPU use bf16.",
+            stacklevel=2,
+        )
+    return accelerator
 
 
 def build_model(cfg: DictConfig, spec: DatasetSpec, role: str) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 
 from dfkd.checkpoint import save_model
 from dfkd.config import load_config
-from dfkd.engine import Trainer
+from dfkd.engine import Trainer, make_accelerator
 from dfkd.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,3 +77,8 @@ def test_a_bf16_run_trains_its_missing_teacher_in_the_teacher_recipes_own_precis
     assert json.loads((tmp_path / "teacher" / "summary.json").read_text())["steps"] == 2
     assert trainer.accelerator.mixed_precision == "bf16"
     assert trainer.fit()["steps"] == 4
+
+
+def test_fp16_on_a_cpu_warns_that_it_computes_in_float32(tmp_path):
+    with pytest.warns(UserWarning, match="fp16 has no effect on cpu"):
+        make_accelerator(load_config(None, ["student.arch=resnet8", "train.mixed_precision=fp16"]))
