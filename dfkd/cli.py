@@ -1,4 +1,4 @@
-"""Command line: ``dfkd train``, ``dfkd eval`` and ``dfkd list``.
+"""Command line: ``dfkd train``, ``dfkd eval``, ``dfkd bench`` and ``dfkd list``.
 
 The same entry point runs as ``dfkd ...``, ``python -m dfkd ...`` and
 ``accelerate launch -m dfkd ...``; the launcher only decides how many
@@ -42,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     evaluate.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help="an optional recipe, then overrides")
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark suite and tabulate it",
+        description=(
+            "Run every entry of a suite (benchmarks/suites/SUITE.yaml, or a path) for each of its seeds, skipping "
+            "runs that already have a summary.json and resuming unfinished ones, then write results.json, "
+            "results.csv and results.md into the suite's output folder. Overrides apply to every entry."
+        ),
+    )
+    bench.add_argument("suite", help="a suite's name in benchmarks/suites/, or the path of a suite file")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every entry, e.g. train.epochs=1")
+    bench.add_argument("--output-dir", default=None, help="the suite's output folder (default: the suite's output_dir)")
 
     listing = sub.add_parser("list", help="list the names a registry knows")
     listing.add_argument("what", choices=sorted(_LISTINGS), help="which registry")
@@ -101,6 +114,14 @@ def _eval(args: Sequence[str]) -> int:
     return 0
 
 
+def _bench(suite: str, overrides: Sequence[str], output_dir: str | None) -> int:
+    from dfkd.bench import run_suite
+
+    table = run_suite(suite, overrides, output_dir)
+    print(table)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (and exits with it when run as a script)."""
     args = _parser().parse_args(argv)
@@ -109,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args.recipe, args.overrides)
         if args.command == "eval":
             return _eval(args.args)
+        if args.command == "bench":
+            return _bench(args.suite, args.overrides, args.output_dir)
         print("\n".join(_LISTINGS[args.what]()))
         return 0
     except USER_ERRORS as exc:
