@@ -62,3 +62,16 @@ def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch):
             monkeypatch.setattr(Trainer, "_save_checkpoint", original)
 
     return crash
+
+
+@pytest.fixture(scope="session")
+def resnet8_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random ResNet-8 for ten classes, saved as safetensors: a teacher with the BatchNorm layers that the
+    ``bn`` and ``contrastive`` terms hook, for tests where what it predicts does not matter."""
+    from dfkd.checkpoint import save_model
+    from dfkd.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("resnet8-teacher") / "resnet8.safetensors"
+    save_model(create_model("resnet8", num_classes=10, in_channels=3), path, {"arch": "resnet8"})
+    return path

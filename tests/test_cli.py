@@ -70,17 +70,10 @@ def _main_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
-def bn_teacher(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.safetensors"
-    save_model(create_model("resnet8", num_classes=10), path)
-    return path
-
-
-def test_a_generator_that_cannot_make_the_dataset_image_size_is_named(tmp_path, capsys, bn_teacher):
+def test_a_generator_that_cannot_make_the_dataset_image_size_is_named(tmp_path, capsys, resnet8_teacher):
     err = _main_error(
         capsys, "train", "recipes/quickstart.yaml", "teacher.recipe=null", "teacher.arch=resnet8",
-        f"teacher.checkpoint={bn_teacher}", "data.image_size=30", "data.test_samples=8", f"output_dir={tmp_path}",
+        f"teacher.checkpoint={resnet8_teacher}", "data.image_size=30", "data.test_samples=8", f"output_dir={tmp_path}",
     )
     assert "'dcgan' cannot make 3x30x30 images" in err and "multiple of 4" in err and "data.image_size" in err
 

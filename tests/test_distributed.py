@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from dfkd.checkpoint import save_model
 from dfkd.config import load_config
 from dfkd.data.transforms import Normalize
 from dfkd.engine import Trainer, evaluate
@@ -46,15 +45,6 @@ TINY = [
     "train.progress_bar=false",
     "eval.batch_size=16",
 ]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random ResNet-8 (it has the BatchNorm layers the bn term hooks), saved as safetensors."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_model(create_model("resnet8", num_classes=10, in_channels=3), path)
-    return path
 
 
 def _free_port() -> int:
@@ -94,8 +84,8 @@ def _history(run: Path) -> list[dict]:
 # -- the engine under two processes
 
 
-def test_two_processes_train_and_evaluate_like_one(tmp_path, teacher):
-    kd = [*TINY, "teacher.arch=resnet8", f"teacher.checkpoint={teacher}", "loss.terms={ce: 0.5, kd: 0.5}"]
+def test_two_processes_train_and_evaluate_like_one(tmp_path, resnet8_teacher):
+    kd = [*TINY, "teacher.arch=resnet8", f"teacher.checkpoint={resnet8_teacher}", "loss.terms={ce: 0.5, kd: 0.5}"]
     one = Trainer(load_config(None, [*kd, f"output_dir={tmp_path / 'one'}"])).fit()
     _launch(_recipe(tmp_path), *kd, f"output_dir={tmp_path / 'two'}")
     two = _summary(tmp_path / "two")
@@ -118,10 +108,10 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, teacher):
     assert [h["epoch"] for h in _history(tmp_path / "two")] == [1, 2]
 
 
-def test_cudfkd_runs_under_two_processes(tmp_path, teacher):
+def test_cudfkd_runs_under_two_processes(tmp_path, resnet8_teacher):
     run = tmp_path / "cudfkd"
     _launch(
-        "recipes/quickstart.yaml", "teacher.recipe=null", "teacher.arch=resnet8", f"teacher.checkpoint={teacher}",
+        "recipes/quickstart.yaml", "teacher.recipe=null", "teacher.arch=resnet8", f"teacher.checkpoint={resnet8_teacher}",
         "student.arch=lenet5_half", "data.test_samples=50", "data.num_workers=0", "source.batch_size=16",
         "synthesizer.generator.nz=16", "synthesizer.generator.ngf=8", "train.epochs=2", "train.steps_per_epoch=2",
         "train.log_every=1", "train.progress_bar=false", "eval.batch_size=16", f"output_dir={run}",
@@ -133,11 +123,11 @@ def test_cudfkd_runs_under_two_processes(tmp_path, teacher):
     assert summary["synth_s"] > 0
 
 
-def test_dcd_runs_under_two_processes_with_one_selection(tmp_path, teacher):
+def test_dcd_runs_under_two_processes_with_one_selection(tmp_path, resnet8_teacher):
     # RealDataSource checks every epoch that both processes chose the same subset, and fails otherwise.
     run = tmp_path / "dcd"
     _launch(
-        "recipes/methods/dcd.yaml", *TINY, "train.epochs=3", "teacher.arch=resnet8", f"teacher.checkpoint={teacher}",
+        "recipes/methods/dcd.yaml", *TINY, "train.epochs=3", "teacher.arch=resnet8", f"teacher.checkpoint={resnet8_teacher}",
         f"output_dir={run}",
     )
     summary = _summary(run)

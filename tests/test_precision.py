@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from dfkd.checkpoint import save_model
 from dfkd.config import load_config
 from dfkd.engine import Trainer, make_accelerator
-from dfkd.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,18 +30,10 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.safetensors"
-    save_model(create_model("resnet8", num_classes=10, in_channels=3), path)
-    return path
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_a_bf16_run_autocasts_and_stays_finite(tmp_path, teacher, method):
+def test_a_bf16_run_autocasts_and_stays_finite(tmp_path, resnet8_teacher, method):
     recipe, *options = METHODS[method]
-    cfg = load_config(recipe, [*SHRINK, *options, f"teacher.checkpoint={teacher}", "train.mixed_precision=bf16",
+    cfg = load_config(recipe, [*SHRINK, *options, f"teacher.checkpoint={resnet8_teacher}", "train.mixed_precision=bf16",
                                f"output_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg)
     dtypes: set[torch.dtype] = set()

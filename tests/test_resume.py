@@ -29,10 +29,8 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from dfkd.checkpoint import save_model
 from dfkd.config import load_config
 from dfkd.engine import Trainer
-from dfkd.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,15 +74,6 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random ResNet-8 (with BatchNorm) as a safetensors checkpoint."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.safetensors"
-    save_model(create_model("resnet8", num_classes=10), path, {"arch": "resnet8"})
-    return path
-
-
 def _cfg(method: str, out: Path, teacher: Path, *extra: str) -> DictConfig:
     recipe, overrides = RECIPES[method]
     return load_config(METHODS / recipe, [
@@ -108,13 +97,13 @@ def _fit(cfg: DictConfig) -> Finished:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, teacher: Path) -> Callable[[str], Finished]:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, resnet8_teacher: Path) -> Callable[[str], Finished]:
     """``uninterrupted(method)``: the method's run without a crash, run once per module."""
     runs: dict[str, Finished] = {}
 
     def run(method: str) -> Finished:
         if method not in runs:
-            runs[method] = _fit(_cfg(method, tmp_path_factory.mktemp(f"{method}-straight"), teacher))
+            runs[method] = _fit(_cfg(method, tmp_path_factory.mktemp(f"{method}-straight"), resnet8_teacher))
         return runs[method]
 
     return run
@@ -199,9 +188,9 @@ def assert_resumed_exactly(
 
 
 @pytest.mark.parametrize("epoch", [1, 2, 3])
-def test_cudfkd_resumes_exactly(epoch, tmp_path, teacher, uninterrupted, crash_after_checkpoint):
+def test_cudfkd_resumes_exactly(epoch, tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):
     straight = uninterrupted("cudfkd")
-    resumed = _crash_and_resume("cudfkd", tmp_path / "crashy", teacher, crash_after_checkpoint, epoch)
+    resumed = _crash_and_resume("cudfkd", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, epoch)
     scalars = assert_resumed_exactly(resumed, straight, ("student", "generator"))
 
     lam, adv = scalars["weighting/lambda"], scalars["synth/weight/adv"]
@@ -215,15 +204,15 @@ def test_cudfkd_resumes_exactly(epoch, tmp_path, teacher, uninterrupted, crash_a
     assert resumed.trainer.source.state_dict()["served"] == steps
 
 
-def test_a_batch_served_across_a_checkpoint_resumes_exactly(tmp_path, teacher, uninterrupted, crash_after_checkpoint):
+def test_a_batch_served_across_a_checkpoint_resumes_exactly(tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):
     straight = uninterrupted("cudfkd_last")
-    resumed = _crash_and_resume("cudfkd_last", tmp_path / "crashy", teacher, crash_after_checkpoint, 1)
+    resumed = _crash_and_resume("cudfkd_last", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 1)
     assert_resumed_exactly(resumed, straight, ("student", "generator"))
 
 
-def test_cmi_resumes_exactly_with_its_pool_and_memory_bank(tmp_path, teacher, uninterrupted, crash_after_checkpoint):
+def test_cmi_resumes_exactly_with_its_pool_and_memory_bank(tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):
     straight = uninterrupted("cmi")
-    resumed = _crash_and_resume("cmi", tmp_path / "crashy", teacher, crash_after_checkpoint, 2)
+    resumed = _crash_and_resume("cmi", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 2)
     scalars = assert_resumed_exactly(resumed, straight, ("student", "generator"))
 
     pools = [run.trainer.source.pool for run in (straight, resumed)]
@@ -237,9 +226,9 @@ def test_cmi_resumes_exactly_with_its_pool_and_memory_bank(tmp_path, teacher, un
     assert "synth/contrastive" in scalars
 
 
-def test_dcd_resumes_exactly_with_its_curriculum(tmp_path, teacher, uninterrupted, crash_after_checkpoint):
+def test_dcd_resumes_exactly_with_its_curriculum(tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):
     straight = uninterrupted("dcd")
-    resumed = _crash_and_resume("dcd", tmp_path / "crashy", teacher, crash_after_checkpoint, 2)
+    resumed = _crash_and_resume("dcd", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 2)
     scalars = assert_resumed_exactly(resumed, straight, ("student",))
 
     curricula = [run.trainer.source.curriculum for run in (straight, resumed)]
