@@ -36,7 +36,7 @@ from dfkd.data import DatasetSpec, build_dataset
 from dfkd.data.transforms import Normalize, build_augmentation, to_unit
 from dfkd.errors import CheckpointError, ConfigError, DfkdError, NonFiniteLossError
 from dfkd.losses import StudentLoss
-from dfkd.metrics import per_sample_metrics, stability, summarize
+from dfkd.metrics import histogram, per_sample_metrics, stability, summarize
 from dfkd.models import create_model
 from dfkd.optim import build_lr_scheduler, build_optimizer
 from dfkd.policies.temperature import build_temperature
@@ -57,6 +57,7 @@ class RunState:
     wall_s: float = 0.0  # accumulated over restarts
     synth_s: float = 0.0
     reloads: int = 0  # faults survived by reloading a checkpoint (train.nonfinite=reload)
+    loyalty_hist: list[int] | None = None  # the latest evaluation's per-sample loyalty, binned (metrics.histogram)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -505,7 +506,12 @@ class Trainer:
         self.logger.images("synthetic", make_grid(images, nrow=8, padding=1), self.state.step)
 
     def _evaluate_and_record(self) -> None:
-        metrics = evaluate(self.student, self.eval_loader, self.normalize, self.accelerator, self.teacher)
+        metrics = evaluate(
+            self.student, self.eval_loader, self.normalize, self.accelerator, self.teacher, per_sample=self.teacher is not None
+        )
+        per_sample = metrics.pop("per_sample", None)
+        if per_sample is not None:
+            self.state.loyalty_hist = histogram(per_sample["loyalty"])
         entry = {"epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": self.scheduler.get_last_lr()[0]}
         self.state.history.append(entry)
         self.logger.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.state.step)
@@ -573,6 +579,8 @@ class Trainer:
             steps=self.state.step, epochs=self.state.epoch, reloads=self.state.reloads, seed=cfg.seed,
             processes=self.accelerator.num_processes, git_commit=_git_commit(),
         )
+        if self.state.loyalty_hist is not None:
+            summary["final_loyalty_hist"] = self.state.loyalty_hist
         if self.accelerator.is_main_process:
             save_model(self.unwrapped_student, self.output_dir / "student.safetensors", {
                 "arch": cfg.student.arch, "num_classes": self.spec.num_classes, "in_channels": self.spec.in_channels,

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from dfkd.checkpoint import read_model_metadata
 from dfkd.config import load_config
 from dfkd.engine import Trainer
+from dfkd.metrics import HISTOGRAM_BINS
 
 TINY = [
     "student.arch=lenet5_half",
@@ -68,6 +69,10 @@ def test_a_kd_run_reports_teacher_agreement(tmp_path):
     )).fit()
     for key in ("final_agree1", "final_loyalty", "final_loyalty_ref", "best_agree1", "best_loyalty"):
         assert key in summary
+    hist = summary["final_loyalty_hist"]  # the final evaluation's per-sample loyalty, one count per test image
+    assert len(hist) == HISTOGRAM_BINS and sum(hist) == 128
+    centres = [(i + 0.5) / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS)]
+    assert sum(c * n for c, n in zip(centres, hist)) / 128 == pytest.approx(summary["final_loyalty"], abs=0.5 / HISTOGRAM_BINS)
     assert 0.0 <= summary["final_loyalty"] <= 1.0
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dfkd.metrics import per_sample_metrics, stability, summarize
+from dfkd.metrics import histogram, per_sample_metrics, stability, summarize
 
 
 def _js_nat(p: list[float], q: list[float]) -> float:
@@ -70,3 +70,12 @@ def test_stability_window_starts_at_the_fraction():
     assert out["mean_acc1"] == pytest.approx(40.0)
     assert out["var_acc1"] == pytest.approx(200.0 / 3.0)  # population variance of 30, 40, 50
     assert out["best_acc1"] == 50.0
+
+
+def test_histogram_bins_values_over_the_unit_interval():
+    values = torch.tensor([0.0, 0.009, 0.015, 0.5, 0.999, 1.0, 1.2, -0.1])
+    counts = histogram(values, bins=100)
+    assert len(counts) == 100 and sum(counts) == 8
+    assert counts[0] == 3  # 0.0, 0.009 and the clamped -0.1
+    assert counts[1] == 1 and counts[50] == 1
+    assert counts[99] == 3  # 0.999, 1.0 and the clamped 1.2: the last bin is closed
