@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -214,6 +215,18 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _machine(device: torch.device) -> str:
+    """What a run ran on, for the benchmark tables: processor, core count, accelerator and torch."""
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the model; platform does not
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return f"{os.cpu_count()} x {cpu}; {where}; torch {torch.__version__}"
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -577,7 +590,7 @@ class Trainer:
         summary.update(
             wall_s=self.state.wall_s, synth_s=self.state.synth_s, peak_mem_mb=max(peaks), peak_mem_mb_per_process=peaks,
             steps=self.state.step, epochs=self.state.epoch, reloads=self.state.reloads, seed=cfg.seed,
-            processes=self.accelerator.num_processes, git_commit=_git_commit(),
+            processes=self.accelerator.num_processes, git_commit=_git_commit(), machine=_machine(self.device),
         )
         if self.state.loyalty_hist is not None:
             summary["final_loyalty_hist"] = self.state.loyalty_hist

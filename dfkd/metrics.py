@@ -28,7 +28,7 @@ from generators.divergences import js_div
 
 __all__ = ["per_sample_metrics", "summarize", "stability", "histogram", "METRIC_NAMES", "HISTOGRAM_BINS"]
 
-METRIC_NAMES = ("acc1", "acc5", "agree1", "loyalty", "loyalty_ref")
+METRIC_NAMES = ("acc1", "acc5", "agree1", "loyalty", "loyalty_ref", "teacher_acc1")
 HISTOGRAM_BINS = 50
 
 
@@ -49,6 +49,7 @@ def per_sample_metrics(student: Tensor, labels: Tensor, teacher: Tensor | None =
     }
     if teacher is not None:
         out["agree1"] = (top[:, 0] == teacher.argmax(dim=-1)).float()
+        out["teacher_acc1"] = (teacher.argmax(dim=-1) == labels).float()  # the T.Scratch row of the papers' tables
         js_nat = js_div(teacher.double(), student.double()).clamp_min(0.0)
         out["loyalty"] = (1.0 - (js_nat / math.log(2.0)).sqrt()).float()
         out["loyalty_ref"] = (1.0 - js_nat.pow(0.25)).float()
@@ -58,10 +59,10 @@ def per_sample_metrics(student: Tensor, labels: Tensor, teacher: Tensor | None =
 def summarize(values: dict[str, Tensor]) -> dict[str, float]:
     """Means of gathered per-sample values, as percentages for the accuracy-like metrics.
 
-    Acc@1, Acc@5 and Agree@1 are reported in percent (as in the papers'
+    Acc@1, Acc@5, Agree@1 and the teacher's Acc@1 are reported in percent (as in the papers'
     tables); loyalty and loyalty_ref stay in ``[0, 1]``.
     """
-    percent = {"acc1", "acc5", "agree1"}
+    percent = {"acc1", "acc5", "agree1", "teacher_acc1"}
     return {k: float(v.double().mean()) * (100.0 if k in percent else 1.0) for k, v in values.items()}
 
 

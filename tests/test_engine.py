@@ -67,8 +67,10 @@ def test_a_kd_run_reports_teacher_agreement(tmp_path):
         tmp_path, "train.epochs=1", "teacher.arch=lenet5_half", f"teacher.checkpoint={tmp_path / 't' / 'student.safetensors'}",
         "loss.terms={kd: 0.9, ce: 0.1}",
     )).fit()
-    for key in ("final_agree1", "final_loyalty", "final_loyalty_ref", "best_agree1", "best_loyalty"):
+    for key in ("final_agree1", "final_loyalty", "final_loyalty_ref", "final_teacher_acc1", "best_agree1", "best_loyalty"):
         assert key in summary
+    assert summary["final_teacher_acc1"] == pytest.approx(teacher_run["final_acc1"])  # same model, same test split
+    assert "no GPU" in summary["machine"] and torch.__version__ in summary["machine"]
     hist = summary["final_loyalty_hist"]  # the final evaluation's per-sample loyalty, one count per test image
     assert len(hist) == HISTOGRAM_BINS and sum(hist) == 128
     centres = [(i + 0.5) / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS)]

@@ -46,6 +46,16 @@ def test_loyalty_on_a_worked_example():
     assert out["acc1"].item() == 0.0
 
 
+def test_teacher_accuracy_rides_along_with_agreement():
+    labels = torch.tensor([0, 1, 2, 2])
+    teacher = torch.eye(3)[torch.tensor([0, 1, 1, 2])]  # right on three of four
+    student = torch.eye(3)[torch.tensor([0, 0, 1, 2])]
+    out = summarize(per_sample_metrics(student, labels, teacher))
+    assert out["teacher_acc1"] == pytest.approx(75.0)
+    assert out["acc1"] == pytest.approx(50.0) and out["agree1"] == pytest.approx(75.0)
+    assert "teacher_acc1" not in per_sample_metrics(student, labels)
+
+
 def test_top5_and_summary_percentages():
     student = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0], [0.0, 1, 2, 3, 4, 5, 6]])
     labels = torch.tensor([4, 0])  # rank 5 in row 0 (inside top-5), last in row 1
