@@ -6,9 +6,10 @@ safe loader) that lists what to compare::
     output_dir: runs/bench/mnist                       # default: runs/bench/<suite name>
     seeds: [0, 1]                                      # default: [0]
     overrides: [data.root=../shared/datasets]          # applied to every entry
+    papers: benchmarks/papers.yaml                     # published numbers shown beside ours (the default; null: none)
     entries:
-      - {name: dafl, recipe: recipes/mnist/dafl/lenet5_lenet5_half.yaml}
-      - {name: cudfkd, recipe: recipes/mnist/cudfkd/lenet5_lenet5_half.yaml, overrides: [train.epochs=10]}
+      - {name: dafl, method: DAFL, recipe: recipes/mnist/dafl/lenet5_lenet5_half.yaml}
+      - {name: cudfkd, method: CuDFKD, recipe: recipes/mnist/cudfkd/lenet5_lenet5_half.yaml, overrides: [train.epochs=10]}
 
 Each (entry, seed) is an ordinary run, in this process, of::
 
@@ -19,17 +20,20 @@ Every entry's config is validated before the first run starts. A run whose
 folder already holds ``summary.json`` is skipped, and an unfinished one resumes
 from its own checkpoints, so an interrupted suite continues where it stopped.
 At the end the suite's folder gets ``results.json`` and ``results.csv`` (one
-record per run) and ``results.md`` (one row per entry, seeds as mean ± std).
-Recipe paths, like every path in a recipe, are relative to the working directory.
+record per run), ``results.md`` with the papers' tables (:mod:`dfkd.tables`;
+``method`` names an entry's row there, default its name) and the plots
+(:mod:`dfkd.plots`). Recipe paths, like every path in a recipe, are relative
+to the working directory. ``dfkd results`` re-tabulates finished suites and
+copies their tables and plots into the README's Results section.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
+import os
 import re
-import statistics
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,20 +44,23 @@ from omegaconf import DictConfig, OmegaConf
 from dfkd.config import load_config
 from dfkd.errors import ConfigError
 from dfkd.registry import close_matches
+from dfkd.tables import PaperNumbers, accuracy_table, load_paper_numbers, pair_of, stability_table
 
-__all__ = ["Suite", "SuiteEntry", "PlannedRun", "load_suite", "resolve_suite", "run_suite", "plan_runs", "format_table", "RECORD_FIELDS"]
+__all__ = ["Suite", "SuiteEntry", "PlannedRun", "load_suite", "resolve_suite", "run_suite", "plan_runs", "write_results", "format_results", "update_readme",
+           "RECORD_FIELDS"]
 
 SUITES_DIR = Path("benchmarks") / "suites"
-_SUITE_KEYS = ("output_dir", "seeds", "overrides", "entries")
-_ENTRY_KEYS = ("name", "recipe", "overrides")
+_SUITE_KEYS = ("output_dir", "seeds", "overrides", "papers", "entries")
+_ENTRY_KEYS = ("name", "method", "recipe", "overrides")
+DEFAULT_PAPERS = Path("benchmarks") / "papers.yaml"
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # it names a folder
 
 # The summary.json metrics a record keeps (missing ones, e.g. agreement without a teacher, are None).
 _METRICS = (
-    "final_acc1", "final_agree1", "final_loyalty", "best_acc1", "mean_acc1", "var_acc1",
-    "wall_s", "synth_s", "peak_mem_mb", "steps", "processes", "git_commit",
+    "final_acc1", "final_agree1", "final_loyalty", "final_teacher_acc1", "best_acc1", "best_agree1", "best_loyalty",
+    "mean_acc1", "var_acc1", "wall_s", "synth_s", "peak_mem_mb", "steps", "processes", "git_commit", "machine",
 )
-RECORD_FIELDS = ("entry", "seed", "recipe", "dataset", "teacher", "student", *_METRICS)
+RECORD_FIELDS = ("entry", "method", "seed", "recipe", "dataset", "teacher", "student", "run_dir", "stability_from", *_METRICS)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class SuiteEntry:
     name: str
     recipe: str
     overrides: tuple[str, ...] = ()
+    method: str | None = None  # its row in the papers' tables; None: the name
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class Suite:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]
     entries: tuple[SuiteEntry, ...]
+    papers: Path | None = DEFAULT_PAPERS
 
 
 @dataclass(frozen=True)
@@ -173,8 +182,17 @@ def load_suite(name_or_path: str | Path) -> Suite:
             raise ConfigError(f"{at}: the name {name!r} is used twice; each entry needs its own (it names its folder).")
         if not isinstance(recipe, str) or not recipe:
             raise ConfigError(f"{at} ({name!r}): 'recipe' must be the path of a recipe, got {recipe!r}.")
-        entries.append(SuiteEntry(name, recipe, _overrides(item.get("overrides"), f"{at} ({name!r})", "overrides")))
-    return Suite(path, output_dir, tuple(seeds), _overrides(raw.get("overrides"), where, "overrides"), tuple(entries))
+        method = item.get("method")
+        if method is not None and (not isinstance(method, str) or not method.strip()):
+            raise ConfigError(f"{at} ({name!r}): 'method' must be the row label in the tables (e.g. CuDFKD), got {method!r}.")
+        entries.append(SuiteEntry(name, recipe, _overrides(item.get("overrides"), f"{at} ({name!r})", "overrides"), method))
+    papers = raw.get("papers", str(DEFAULT_PAPERS))
+    if papers is not None and not isinstance(papers, str):
+        raise ConfigError(f"{where}: 'papers' must be the path of a papers file or null, got {papers!r}.")
+    return Suite(
+        path, output_dir, tuple(seeds), _overrides(raw.get("overrides"), where, "overrides"), tuple(entries),
+        None if papers is None else Path(papers),
+    )
 
 
 def plan_runs(suite: Suite, overrides: Sequence[str], output_dir: Path) -> list[PlannedRun]:
@@ -200,9 +218,11 @@ def plan_runs(suite: Suite, overrides: Sequence[str], output_dir: Path) -> list[
 def _record(run: PlannedRun, summary: Mapping[str, Any]) -> dict[str, Any]:
     cfg = run.cfg
     return {
-        "entry": run.entry.name, "seed": run.seed, "recipe": run.entry.recipe, "dataset": cfg.data.name,
+        "entry": run.entry.name, "method": run.entry.method or run.entry.name, "seed": run.seed,
+        "recipe": run.entry.recipe, "dataset": cfg.data.name,
         "teacher": cfg.teacher.arch if cfg.teacher is not None else None, "student": cfg.student.arch,
-        **{key: summary.get(key) for key in _METRICS},
+        "run_dir": str(run.output_dir), "stability_from": cfg.eval.stability_from,
+        **{key: summary.get(key) for key in _METRICS}, "final_loyalty_hist": summary.get("final_loyalty_hist"),
     }
 
 
@@ -227,6 +247,7 @@ def run_suite(
     spec = load_suite(suite)
     out = Path(output_dir) if output_dir is not None else Path(spec.output_dir)
     runs = plan_runs(spec, overrides, out)
+    papers = load_paper_numbers(spec.papers) if spec.papers is not None else None  # a bad file fails before any run
     is_main = PartialState().is_main_process
     records = []
     for run in runs:
@@ -240,82 +261,115 @@ def run_suite(
             echo(f"{run.entry.name} seed {run.seed}: {_one_line(summary)} ({note}) -> {run.output_dir}")
     table = out / "results.md"
     if is_main:
-        write_results(records, out, spec.path)
+        write_results(records, out, spec.path, papers)
     return table
 
 
 def _one_line(summary: Mapping[str, Any]) -> str:
-    parts = [f"{label} {_fmt(summary.get(key), 2)}" for key, label in (
-        ("final_acc1", "Acc@1"), ("final_agree1", "Agree@1"))]
-    parts.append(f"loyalty {_fmt(summary.get('final_loyalty'), 4)}")
-    parts.append(f"wall {_fmt(summary.get('wall_s'), 1)} s")
-    return ", ".join(parts)
+    def fmt(key: str, digits: int) -> str:
+        value = summary.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+    return (f"Acc@1 {fmt('final_acc1', 2)}, Agree@1 {fmt('final_agree1', 2)}, loyalty {fmt('final_loyalty', 4)}, "
+            f"wall {fmt('wall_s', 1)} s")
 
 
-def write_results(records: Sequence[Mapping[str, Any]], folder: Path, suite_path: Path | None = None) -> None:
-    """``results.json``, ``results.csv`` (one record per run) and ``results.md`` (one row per entry) in ``folder``."""
+def write_results(
+    records: Sequence[Mapping[str, Any]], folder: Path, suite_path: Path | None = None, papers: PaperNumbers | None = None,
+) -> list[Path]:
+    """``results.json``, ``results.csv`` (one record per run), the plots and ``results.md`` in ``folder``.
+
+    Returns the plots' paths.
+    """
+    from dfkd.plots import write_plots  # matplotlib is imported only when a suite is tabulated
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(list(records), indent=2) + "\n")
     with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in RECORD_FIELDS} for r in records)
+    plots = write_plots(records, folder)
+    (folder / "results.md").write_text(format_results(records, suite_path, papers, [p.name for p in plots]))
+    return plots
+
+
+def _distinct(records: Sequence[Mapping[str, Any]], key: str) -> str:
+    values = list(dict.fromkeys(str(r.get(key)) for r in records if r.get(key)))
+    return ", ".join(f"`{v[:10]}`" if key == "git_commit" else v for v in values) or "unknown"
+
+
+def format_results(
+    records: Sequence[Mapping[str, Any]], suite_path: Path | None = None, papers: PaperNumbers | None = None,
+    plots: Sequence[str] = (),
+) -> str:
+    """results.md: where the numbers come from, the accuracy table, the stability and cost table, the plots."""
     source = f" of suite `{suite_path}`" if suite_path is not None else ""
-    header = f"Results{source}: seeds as mean ± std (population); per-run records in results.json and results.csv.\n\n"
-    (folder / "results.md").write_text(header + format_table(records))
+    windows = sorted({r.get("stability_from") for r in records if r.get("stability_from") is not None})
+    window = " and ".join(f"{w:g}" for w in windows) or "eval.stability_from"
+    lines = [
+        f"Results{source}: {len(records)} runs; commit {_distinct(records, 'git_commit')}; "
+        f"machine {_distinct(records, 'machine')}. Per-run records in results.json and results.csv.",
+        "",
+        "Accuracy, in the layout of CuDFKD Tables II and III: the best Acc@1, Agree@1 and loyalty each run reached "
+        "on the test split, as the paper reports them; several seeds as mean ± std. [Brackets]: the published "
+        "number for the same cell" + _cited(records, papers),
+        "",
+        accuracy_table(records, papers),
+        f"Stability and cost, as in CuDFKD Table V: μ and σ² of Acc@1 over the evaluations from {window} of training "
+        "to the end, the best Acc@1, peak memory (GPU memory on a GPU, resident memory on a CPU), wall time and the "
+        "part of it spent synthesising. Published Table V cells are for one RTX 3090 at the papers' full length.",
+        "",
+        stability_table(records, papers),
+    ]
+    if plots:
+        lines += ["Plots:", "", *(f"![{name}]({name})" for name in plots), ""]
+    return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- the table
-
-_TABLE_COLUMNS = (
-    "entry", "teacher → student", "dataset", "seeds", "Acc@1", "Agree@1", "loyalty", "best Acc@1",
-    "wall", "synthesis", "peak mem",
-)
+def _cited(records: Sequence[Mapping[str, Any]], papers: PaperNumbers | None) -> str:
+    sources = papers.sources_for(list(dict.fromkeys(map(pair_of, records)))) if papers is not None else []
+    return f" ({'; '.join(sources)})." if sources else "; the papers report none for these pairs."
 
 
-def _numbers(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
-    values = [r.get(key) for r in records]
-    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+# --------------------------------------------------------------------------- README
+
+README_START, README_END = "<!-- results: start -->", "<!-- results: end -->"
 
 
-def _fmt(value: Any, digits: int) -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return "-"
-    return f"{value:.{digits}f}"
+def update_readme(folders: Sequence[str | Path], readme: str | Path, images: str | Path) -> list[Path]:
+    """Put each finished suite's results.md into the README between the results markers.
 
+    The plots are copied into ``images`` (committed, unlike run folders) and
+    linked from there; each suite's section starts with its folder's name.
 
-def _mean_std(values: list[float], digits: int) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return _fmt(values[0], digits)
-    return f"{_fmt(statistics.fmean(values), digits)} ± {_fmt(statistics.pstdev(values), digits)}"
+    Returns:
+        the copied plots.
 
-
-def _mean(values: list[float], digits: int, unit: str) -> str:
-    return f"{_fmt(statistics.fmean(values), digits)} {unit}" if values else "-"
-
-
-def format_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table with one row per entry (in order of first appearance), ending in a newline.
-
-    Acc@1, Agree@1, loyalty and best Acc@1 are the mean ± population std over
-    the entry's seeds (just the value with one seed); wall time, synthesis time
-    and peak memory are means. A metric no run of the entry has reads ``-``.
+    Raises:
+        ConfigError: a folder without results.md, or a README without both markers.
     """
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for record in records:
-        groups.setdefault(record["entry"], []).append(record)
-    lines = ["| " + " | ".join(_TABLE_COLUMNS) + " |", "|" + "---|" * len(_TABLE_COLUMNS)]
-    for entry, group in groups.items():
-        first = group[0]
-        pair = f"{first.get('teacher')} → {first.get('student')}" if first.get("teacher") else f"{first.get('student')} (scratch)"
-        cells = [
-            entry, pair, str(first.get("dataset", "-")), ", ".join(str(r["seed"]) for r in group),
-            _mean_std(_numbers(group, "final_acc1"), 2), _mean_std(_numbers(group, "final_agree1"), 2),
-            _mean_std(_numbers(group, "final_loyalty"), 4), _mean_std(_numbers(group, "best_acc1"), 2),
-            _mean(_numbers(group, "wall_s"), 1, "s"), _mean(_numbers(group, "synth_s"), 1, "s"),
-            _mean(_numbers(group, "peak_mem_mb"), 0, "MB"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    readme, images = Path(readme), Path(images)
+    text = readme.read_text() if readme.is_file() else ""
+    if README_START not in text or README_END not in text or text.index(README_START) > text.index(README_END):
+        raise ConfigError(
+            f"{readme} has no results section to fill: add a line {README_START} and, below it, a line {README_END}."
+        )
+    sections, copied = [], []
+    for folder in map(Path, folders):
+        results = folder / "results.md"
+        if not results.is_file():
+            raise ConfigError(f"no results.md in {folder.resolve()}: run `dfkd bench SUITE` there first.")
+        body = results.read_text()
+        target = images / folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        for link in re.findall(r"!\[([^\]]+)\]\(([^)/]+\.png)\)", body):
+            shutil.copyfile(folder / link[1], target / link[1])
+            copied.append(target / link[1])
+            rel = Path(os.path.relpath(target / link[1], readme.parent)).as_posix()
+            body = body.replace(f"]({link[1]})", f"]({rel})")
+        sections.append(f"### {folder.name}\n\n{body.strip()}\n")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_START}\n\n" + "\n".join(sections) + f"\n{README_END}{tail}")
+    return copied

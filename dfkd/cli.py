@@ -1,4 +1,4 @@
-"""Command line: ``dfkd train``, ``dfkd eval``, ``dfkd bench`` and ``dfkd list``.
+"""Command line: ``dfkd train``, ``dfkd eval``, ``dfkd bench``, ``dfkd results`` and ``dfkd list``.
 
 The same entry point runs as ``dfkd ...``, ``python -m dfkd ...`` and
 ``accelerate launch -m dfkd ...``; the launcher only decides how many
@@ -49,12 +49,25 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Run every entry of a suite (benchmarks/suites/SUITE.yaml, or a path) for each of its seeds, skipping "
             "runs that already have a summary.json and resuming unfinished ones, then write results.json, "
-            "results.csv and results.md into the suite's output folder. Overrides apply to every entry."
+            "results.csv, results.md (the papers' tables) and the plots into the suite's output folder. "
+            "Overrides apply to every entry."
         ),
     )
     bench.add_argument("suite", help="a suite's name in benchmarks/suites/, or the path of a suite file")
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every entry, e.g. train.epochs=1")
     bench.add_argument("--output-dir", default=None, help="the suite's output folder (default: the suite's output_dir)")
+
+    results = sub.add_parser(
+        "results",
+        help="put finished suites' tables and plots into the README",
+        description=(
+            "Fill the README's Results section (between '<!-- results: start -->' and '<!-- results: end -->') "
+            "with the results.md of each suite folder given, copying its plots under --images."
+        ),
+    )
+    results.add_argument("folders", nargs="+", help="suite output folders that hold results.md (e.g. runs/bench/mnist)")
+    results.add_argument("--readme", default="README.md", help="the file to update (default: README.md)")
+    results.add_argument("--images", default="docs/results", help="where the plots are copied (default: docs/results)")
 
     listing = sub.add_parser("list", help="list the names a registry knows")
     listing.add_argument("what", choices=sorted(_LISTINGS), help="which registry")
@@ -122,6 +135,14 @@ def _bench(suite: str, overrides: Sequence[str], output_dir: str | None) -> int:
     return 0
 
 
+def _results(folders: Sequence[str], readme: str, images: str) -> int:
+    from dfkd.bench import update_readme
+
+    copied = update_readme(folders, readme, images)
+    print(f"{readme}: results of {', '.join(folders)}; {len(copied)} plots in {images}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (and exits with it when run as a script)."""
     args = _parser().parse_args(argv)
@@ -132,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args.args)
         if args.command == "bench":
             return _bench(args.suite, args.overrides, args.output_dir)
+        if args.command == "results":
+            return _results(args.folders, args.readme, args.images)
         print("\n".join(_LISTINGS[args.what]()))
         return 0
     except USER_ERRORS as exc:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dfkd.bench import format_table, load_suite, plan_runs
+from dfkd.bench import load_suite, plan_runs
+from dfkd.errors import ConfigError
+from dfkd.tables import accuracy_table, load_paper_numbers, stability_table
 from dfkd.config import load_config
 from dfkd.cli import main
 from dfkd.engine import Trainer
@@ -78,8 +80,7 @@ def test_the_tiny_suite_runs_end_to_end_and_writes_one_record_per_run(finished):
         rows = list(csv.DictReader(f))
     assert [(r["entry"], r["seed"], r["steps"]) for r in rows] == [("kd", "0", "2"), ("cudfkd", "0", "2")]
     table = (out / "results.md").read_text()
-    assert table.endswith(format_table(records))
-    assert "| kd | resnet8 → lenet5_half | procedural | 0 |" in table
+    assert "| kd | kd | resnet8 → lenet5_half | 0 | 2 |" in table
     lines = printed.strip().splitlines()
     assert [line.split(" seed ")[0] for line in lines if " seed 0: " in line] == ENTRIES
     assert lines[-1] == str(out / "results.md")
@@ -122,27 +123,136 @@ def test_an_interrupted_suite_resumes_with_only_the_unfinished_entry(tmp_path, t
     assert [(r["entry"], r["steps"]) for r in _records(tmp_path)] == [("kd", 2), ("cudfkd", 2)]
 
 
-def test_format_table_aggregates_seeds_as_mean_and_population_std():
-    def record(entry, seed, acc1, agree1, loyalty, best, wall, synth, mem, teacher="resnet34"):
-        return {
-            "entry": entry, "seed": seed, "dataset": "cifar10", "teacher": teacher, "student": "resnet18",
-            "final_acc1": acc1, "final_agree1": agree1, "final_loyalty": loyalty, "best_acc1": best,
-            "wall_s": wall, "synth_s": synth, "peak_mem_mb": mem,
-        }
+PAPERS = """\
+accuracy:
+  - source: Table X
+    dataset: cifar10
+    teacher: resnet34
+    student: resnet18
+    rows:
+      T.Scratch: [95.70, 100.00, 1.0000]
+      CuDFKD: [95.28, 98.20, 0.8915]
+      PRE-DFKD: [94.10, null, null]
+stability:
+  - source: Table Y
+    dataset: cifar10
+    teacher: resnet34
+    student: resnet18
+    rows:
+      CuDFKD: [94.1, 2.88, 95.0, 6.84, 5.48]
+"""
 
+
+def _record(entry, seed, best, agree, loyalty, *, method=None, student="resnet18", teacher="resnet34", **more):
+    return {
+        "entry": entry, "method": method or entry, "seed": seed, "dataset": "cifar10", "teacher": teacher,
+        "student": student, "best_acc1": best, "best_agree1": agree, "best_loyalty": loyalty, **more,
+    }
+
+
+def test_the_accuracy_table_has_a_column_group_per_pair_and_the_papers_numbers_in_brackets(tmp_path):
+    (tmp_path / "papers.yaml").write_text(PAPERS)
+    papers = load_paper_numbers(tmp_path / "papers.yaml")
     records = [
-        record("cudfkd", 0, 90.0, 80.0, 0.5, 91.0, 10.0, 2.0, 100.0),
-        record("scratch", 0, 70.125, None, None, 71.0, 5.0, 0.0, 50.0, teacher=None),
-        record("cudfkd", 1, 92.0, 84.0, 0.7, 93.0, 20.0, 4.0, 300.0),
+        _record("cudfkd", 0, 90.0, 80.0, 0.5, method="CuDFKD", final_teacher_acc1=94.0),
+        _record("cudfkd", 1, 92.0, 84.0, 0.7, method="CuDFKD", final_teacher_acc1=94.0),
+        _record("scratch", 0, 93.125, 91.0, 0.8, method="S.Scratch", final_teacher_acc1=94.0),
+        _record("dafl_small", 0, 50.0, 52.0, 0.4, method="DAFL", student="resnet8"),  # a second pair, no teacher_acc1
+        _record("alone", 0, 70.0, None, None, teacher=None),  # no teacher: not in this table
     ]
     expected = (
-        "| entry | teacher → student | dataset | seeds | Acc@1 | Agree@1 | loyalty | best Acc@1 | wall | synthesis | peak mem |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
-        "| cudfkd | resnet34 → resnet18 | cifar10 | 0, 1 | 91.00 ± 1.00 | 82.00 ± 2.00 | 0.6000 ± 0.1000 | 92.00 ± 1.00 "
-        "| 15.0 s | 3.0 s | 200 MB |\n"
-        "| scratch | resnet18 (scratch) | cifar10 | 0 | 70.12 | - | - | 71.00 | 5.0 s | 0.0 s | 50 MB |\n"
+        "| method | resnet34 → resnet18 (cifar10): Acc@1 | Agree@1 | loyalty "
+        "| resnet34 → resnet8 (cifar10): Acc@1 | Agree@1 | loyalty |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| T.Scratch | 94.00 [95.70] | 100.00 [100.00] | 1.0000 [1.0000] | - | - | - |\n"
+        "| S.Scratch | 93.12 | 91.00 | 0.8000 | - | - | - |\n"
+        "| CuDFKD | 91.00 ± 1.00 [95.28] | 82.00 ± 2.00 [98.20] | 0.6000 ± 0.1000 [0.8915] | - | - | - |\n"
+        "| DAFL | - | - | - | 50.00 | 52.00 | 0.4000 |\n"
     )
-    assert format_table(records) == expected
+    assert accuracy_table(records, papers) == expected
+    assert "[" not in accuracy_table(records)  # without a papers file: ours alone
+    assert papers.sources_for([("cifar10", "resnet34", "resnet18")]) == ["Table X", "Table Y"]
+    assert papers.sources_for([("mnist", "lenet5", "lenet5_half")]) == []
+
+
+def test_the_stability_table_aggregates_seeds_and_converts_units(tmp_path):
+    (tmp_path / "papers.yaml").write_text(PAPERS)
+    papers = load_paper_numbers(tmp_path / "papers.yaml")
+    cost = {"steps": 100, "peak_mem_mb": 1024.0, "wall_s": 3600.0, "synth_s": 1800.0}
+    records = [
+        _record("cudfkd", 0, 91.0, 0, 0, method="CuDFKD", final_acc1=90.0, mean_acc1=85.0, var_acc1=2.0, **cost),
+        _record("cudfkd", 1, 93.0, 0, 0, method="CuDFKD", final_acc1=92.0, mean_acc1=87.0, var_acc1=4.0,
+                **{**cost, "peak_mem_mb": 3072.0, "wall_s": 7200.0}),
+        _record("scratch", 0, 71.0, 0, 0, teacher=None, final_acc1=70.125, mean_acc1=69.0, var_acc1=float("nan"), **cost),
+    ]
+    expected = (
+        "| entry | method | teacher → student | seeds | steps | final Acc@1 | μ Acc@1 | σ² Acc@1 | best Acc@1 "
+        "| peak mem (GB) | wall (h) | synthesis (h) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| cudfkd | CuDFKD | resnet34 → resnet18 | 0, 1 | 100 ± 0 | 91.00 ± 1.00 | 86.00 ± 1.00 [94.10] "
+        "| 3.00 ± 1.00 [2.88] | 92.00 ± 1.00 [95.00] | 2.00 ± 1.00 [6.84] | 1.500 ± 0.500 [5.480] | 0.500 ± 0.000 |\n"
+        "| scratch | scratch | resnet18 | 0 | 100 | 70.12 | 69.00 | - | 71.00 | 1.00 | 1.000 | 0.500 |\n"
+    )
+    assert stability_table(records, papers) == expected
+
+
+def test_a_malformed_papers_file_is_named_with_the_bad_table(tmp_path):
+    bad = tmp_path / "papers.yaml"
+    bad.write_text(PAPERS.replace("[95.28, 98.20, 0.8915]", "[95.28, 98.20]"))
+    with pytest.raises(ConfigError, match=r"accuracy\[0\], method 'CuDFKD': expected a list of 3"):
+        load_paper_numbers(bad)
+    bad.write_text("acuracy: []\n")
+    with pytest.raises(ConfigError, match="acuracy"):
+        load_paper_numbers(bad)
+    with pytest.raises(ConfigError, match="no papers file"):
+        load_paper_numbers(tmp_path / "missing.yaml")
+
+
+def test_the_shipped_papers_file_holds_the_cudfkd_tables():
+    papers = load_paper_numbers("benchmarks/papers.yaml")
+    assert papers.accuracy[("cifar10", "resnet34", "resnet18")]["CuDFKD"] == (95.28, 98.20, 0.8915)
+    assert papers.accuracy[("cifar100", "wrn_40_2", "wrn_16_2")]["S.Scratch"] == (66.61, 67.85, 0.5394)
+    assert papers.accuracy[("mnist", "lenet5", "lenet5_half")]["DAFL"] == (98.20, None, None)
+    assert papers.stability[("cifar100", "resnet34", "resnet18")]["CuDFKD"] == (71.7, 4.37, 75.2, 6.84, 7.50)
+    for pair, rows in papers.accuracy.items():
+        for method, (acc1, agree1, loyalty) in rows.items():
+            assert acc1 is None or 0 < acc1 <= 100, (pair, method)
+            assert loyalty is None or 0 < loyalty <= 1, (pair, method)
+
+
+def test_the_tiny_suite_writes_both_tables_and_its_plots(finished):
+    out, _ = finished
+    text = (out / "results.md").read_text()
+    records = _records(out)
+    assert accuracy_table(records) in text and stability_table(records) in text
+    assert "commit `" in text and "no GPU" in text
+    plots = sorted(p.name for p in out.glob("*.png"))
+    assert plots == [
+        "curves_procedural_resnet8_lenet5_half.png", "loyalty_procedural_resnet8_lenet5_half.png", "schedules_cudfkd.png",
+    ], "kd logs no self-paced lambda, so only cudfkd gets a schedules plot"
+    for name in plots:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 200_000, name
+        assert f"![{name}]({name})" in text
+    assert sum(records[0]["final_loyalty_hist"]) == 32  # every test image once
+
+
+def test_results_fill_the_readme_section_and_copy_the_plots(finished, tmp_path, capsys):
+    out, _ = finished
+    readme = tmp_path / "README.md"
+    readme.write_text("# dfkd\n\n## Results\n<!-- results: start -->\nold\n<!-- results: end -->\n\n## Next\n")
+    assert main(["results", str(out), "--readme", str(readme), "--images", str(tmp_path / "docs" / "results")]) == 0
+    text = readme.read_text()
+    assert text.startswith("# dfkd\n\n## Results\n<!-- results: start -->\n") and text.endswith("<!-- results: end -->\n\n## Next\n")
+    assert "old" not in text and f"### {out.name}" in text and "| T.Scratch |" in text
+    link = f"docs/results/{out.name}/schedules_cudfkd.png"
+    assert f"](" + link + ")" in text and (tmp_path / link).is_file()
+    assert main(["results", str(out), "--readme", str(readme), "--images", str(tmp_path / "docs" / "results")]) == 0
+    assert readme.read_text() == text, "filling it again changes nothing"
+
+    readme.write_text("# no markers\n")
+    assert main(["results", str(out), "--readme", str(readme)]) == 2
+    assert "<!-- results: start -->" in capsys.readouterr().err
 
 
 def _never_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,7 +296,7 @@ def test_a_bad_override_in_a_later_entry_fails_before_the_first_run(tmp_path, te
     assert "'optim.lrr'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["tiny", "mnist", "cifar10_jpeg_cpu"])
+@pytest.mark.parametrize("name", ["tiny", "mnist", "cifar10_jpeg_cpu", "cifar10_paper", "cifar100_paper"])
 def test_every_shipped_suite_validates(name, tmp_path):
     suite = load_suite(name)
     runs = plan_runs(suite, [], tmp_path)
