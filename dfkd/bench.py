@@ -234,6 +234,8 @@ def run_suite(
 ) -> Path:
     """Run every unfinished (entry, seed) of ``suite`` and write its results; returns ``results.md``'s path.
 
+    The results are rewritten after each run, with the runs finished so far.
+
     Args:
         suite: a suite's name in ``benchmarks/suites/`` or the path of a suite file.
         overrides: ``key=value`` strings applied to every entry, after the suite's own.
@@ -259,6 +261,8 @@ def run_suite(
         records.append(_record(run, summary))
         if is_main:
             echo(f"{run.entry.name} seed {run.seed}: {_one_line(summary)} ({note}) -> {run.output_dir}")
+            if note == "ran":  # the tables so far, so that a long suite can be read while it runs
+                write_results(records, out, spec.path, papers)
     table = out / "results.md"
     if is_main:
         write_results(records, out, spec.path, papers)

@@ -112,7 +112,7 @@ def test_an_interrupted_suite_resumes_with_only_the_unfinished_entry(tmp_path, t
         _bench(tmp_path, teacher_override)
     assert (tmp_path / "kd" / "seed0" / "summary.json").is_file()
     assert not (tmp_path / "cudfkd" / "seed0" / "summary.json").exists()
-    assert not (tmp_path / "results.json").exists()
+    assert [r["entry"] for r in _records(tmp_path)] == ["kd"], "the results so far are written after each run"
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", original)
     calls = _counting_fit(monkeypatch)
