@@ -265,6 +265,13 @@ def test_cifar10_jpeg_extracts_its_archive_once(
     assert calls == [tarball], "the second call reuses the extraction"
     assert extracted.stat().st_mtime_ns == stamp
 
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tarball.parent, target_is_directory=True)
+    for spelt in (tmp_path / "elsewhere" / ".." / tarball.relative_to(tmp_path), tmp_path / "link" / tarball.name):
+        assert archive.extraction_dir(spelt) == extracted, spelt
+        build_dataset("cifar10_jpeg", spelt, "test")
+    assert calls == [tarball], "another spelling of the same archive reuses the extraction"
+
 
 def test_half_extracted_folder_is_never_used(tmp_path: Path, cache_dir: Path) -> None:
     tarball = cifar10_jpeg_tarball(tmp_path)

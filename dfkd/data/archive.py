@@ -46,7 +46,7 @@ def is_archive(path: Path) -> bool:
 
 def extraction_dir(archive: Path) -> Path:
     """Where ``archive`` is (or will be) extracted: ``<cache>/extracted/<stem>-<hash of path, size, mtime>``."""
-    archive = archive.absolute()
+    archive = archive.resolve()  # one cache entry however the path is spelt (``..``, symlinks)
     stat = archive.stat()
     key = hashlib.sha256(f"{archive}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     stem = archive.name
