@@ -111,7 +111,8 @@ def ensure_teacher(cfg: DictConfig) -> None:
 
     The teacher recipe runs with ``output_dir`` set to the checkpoint's folder
     (whose file must be that run's ``student.safetensors``), so a second run of
-    the same recipe reuses the teacher instead of training it again.
+    the same recipe reuses the teacher instead of training it again. On the
+    same dataset it reads the data from this run's ``data.root``.
     """
     teacher = cfg.teacher
     if teacher is None or not teacher.recipe:
@@ -127,6 +128,8 @@ def ensure_teacher(cfg: DictConfig) -> None:
             "writes <output_dir>/student.safetensors: point teacher.checkpoint at such a file."
         )
     teacher_cfg = load_config(teacher.recipe, [f"output_dir={checkpoint.parent}", "train.resume=auto"])
+    if teacher_cfg.data.name == cfg.data.name:  # the same dataset is where this run was told it is
+        teacher_cfg.data.root = cfg.data.root
     if teacher_cfg.student.arch != teacher.arch:
         raise ConfigError(
             f"teacher.recipe trains {teacher_cfg.student.arch!r} but teacher.arch is {teacher.arch!r}."

@@ -125,3 +125,20 @@ def test_lr_follows_the_schedule(tmp_path):
     trainer.fit()
     # 12 steps taken: epoch 3 (steps 8-11) ran at lr 1.0 * 0.1^2; the scheduler now sits at step 12.
     assert math.isclose(trainer.scheduler.get_last_lr()[0], 0.01, rel_tol=1e-9)
+
+
+def test_a_missing_teacher_is_trained_on_this_runs_data_root(tmp_path, monkeypatch):
+    import dfkd.engine as engine
+
+    trained = []
+    monkeypatch.setattr(engine, "Trainer", lambda cfg: trained.append(cfg) or type("T", (), {"fit": lambda self: {}})())
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text("student: {arch: lenet5}\ndata: {name: mnist, root: data}\n")
+    for run_dataset, expected_root in (("mnist", "../shared/datasets"), ("fashion_mnist", "data")):
+        cfg = load_config(None, [
+            f"data.name={run_dataset}", "data.root=../shared/datasets", "student.arch=lenet5_half", "teacher.arch=lenet5",
+            f"teacher.checkpoint={tmp_path / run_dataset / 'student.safetensors'}", f"teacher.recipe={recipe}",
+        ])
+        engine.ensure_teacher(cfg)
+        assert trained[-1].data.root == expected_root, "another dataset keeps the teacher recipe's own root"
+        assert trained[-1].output_dir == str(tmp_path / run_dataset)
