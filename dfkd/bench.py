@@ -42,7 +42,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dfkd.config import load_config
-from dfkd.errors import ConfigError
+from dfkd.errors import ConfigError, RunLockedError
 from dfkd.registry import close_matches
 from dfkd.tables import PaperNumbers, accuracy_table, load_paper_numbers, pair_of, stability_table
 
@@ -234,7 +234,9 @@ def run_suite(
 ) -> Path:
     """Run every unfinished (entry, seed) of ``suite`` and write its results; returns ``results.md``'s path.
 
-    The results are rewritten after each run, with the runs finished so far.
+    The results are rewritten after each run, with the runs finished so far. A
+    run that another process is training (its folder is locked) is left to it,
+    so several ``dfkd bench`` commands of one suite share its runs out.
 
     Args:
         suite: a suite's name in ``benchmarks/suites/`` or the path of a suite file.
@@ -251,21 +253,32 @@ def run_suite(
     runs = plan_runs(spec, overrides, out)
     papers = load_paper_numbers(spec.papers) if spec.papers is not None else None  # a bad file fails before any run
     is_main = PartialState().is_main_process
-    records = []
-    for run in runs:
+    finished: dict[int, dict[str, Any]] = {}  # by index into runs, so the tables keep the suite's order
+    elsewhere = []
+    for i, run in enumerate(runs):
         done = run.output_dir / "summary.json"
         if done.is_file():
             summary, note = json.loads(done.read_text()), "done before, skipped"
         else:
-            summary, note = Trainer(run.cfg).fit(), "ran"
-        records.append(_record(run, summary))
+            try:
+                summary, note = Trainer(run.cfg).fit(), "ran"
+            except RunLockedError:  # another `dfkd bench` of this suite has it: go on with the next run
+                elsewhere.append(i)
+                if is_main:
+                    echo(f"{run.entry.name} seed {run.seed}: running in another process, skipped -> {run.output_dir}")
+                continue
+        finished[i] = _record(run, summary)
         if is_main:
             echo(f"{run.entry.name} seed {run.seed}: {_one_line(summary)} ({note}) -> {run.output_dir}")
             if note == "ran":  # the tables so far, so that a long suite can be read while it runs
-                write_results(records, out, spec.path, papers)
+                write_results([finished[k] for k in sorted(finished)], out, spec.path, papers)
+    for i in elsewhere:  # those the other processes finished meanwhile
+        done = runs[i].output_dir / "summary.json"
+        if done.is_file():
+            finished[i] = _record(runs[i], json.loads(done.read_text()))
     table = out / "results.md"
     if is_main:
-        write_results(records, out, spec.path, papers)
+        write_results([finished[k] for k in sorted(finished)], out, spec.path, papers)
     return table
 
 

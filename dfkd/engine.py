@@ -18,6 +18,8 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dfkd.checkpoint import CheckpointManager, check_fit, load_weights, save_model
+from dfkd.checkpoint import CheckpointManager, check_fit, load_weights, run_lock, save_model
 from dfkd.config import load_config, save_config
 from dfkd.data import DatasetSpec, build_dataset
 from dfkd.data.transforms import Normalize, build_augmentation, to_unit
-from dfkd.errors import CheckpointError, ConfigError, DfkdError, NonFiniteLossError
+from dfkd.errors import CheckpointError, ConfigError, DfkdError, NonFiniteLossError, RunLockedError
 from dfkd.losses import StudentLoss
 from dfkd.metrics import histogram, per_sample_metrics, stability, summarize
 from dfkd.models import create_model
@@ -355,7 +357,33 @@ class Trainer:
     # -- the loop
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end (resuming first if asked) and return the summary."""
+        """Train to the end (resuming first if asked) and return the summary.
+
+        Raises:
+            RunLockedError: another process is training into the same output_dir.
+        """
+        with self._exclusive_output_dir():
+            return self._fit()
+
+    @contextmanager
+    def _exclusive_output_dir(self) -> Iterator[None]:
+        """Process 0 locks the run folder for the whole fit, and every process learns whether it could."""
+        with ExitStack() as stack:
+            refused: RunLockedError | None = None
+            if self.accelerator.is_main_process:
+                try:
+                    stack.enter_context(run_lock(self.output_dir))
+                except RunLockedError as exc:
+                    refused = exc
+            if self.accelerator.num_processes > 1:
+                flag = torch.tensor([float(refused is not None)], device=self.device)
+                if self.accelerator.reduce(flag, "sum").item() and refused is None:
+                    refused = RunLockedError(f"process 0 could not lock {str(self.output_dir)!r}: another run holds it.")
+            if refused is not None:
+                raise refused
+            yield
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self._resume()
         if self.accelerator.is_main_process:

@@ -16,6 +16,7 @@ __all__ = [
     "DatasetNotFoundError",
     "CheckpointError",
     "NonFiniteLossError",
+    "RunLockedError",
     "USER_ERRORS",
 ]
 
@@ -38,6 +39,10 @@ class CheckpointError(DfkdError):
 
 class NonFiniteLossError(DfkdError):
     """A loss term became NaN or infinite."""
+
+
+class RunLockedError(DfkdError):
+    """Another process is training into the same run folder."""
 
 
 # What the CLI reports as a one-paragraph error rather than a traceback.

@@ -303,3 +303,17 @@ def test_every_shipped_suite_validates(name, tmp_path):
     assert len(runs) == len(suite.entries) * len(suite.seeds)
     assert all(run.cfg.train.resume == "auto" for run in runs)
     assert load_config("benchmarks/suites/teachers/tiny.yaml").student.arch == "resnet8"  # tiny's teacher recipe
+
+
+def test_a_run_locked_by_another_bench_is_left_to_it(tmp_path, teacher_override, capsys):
+    from dfkd.checkpoint import run_lock
+
+    with run_lock(tmp_path / "kd" / "seed0"):  # as a second `dfkd bench` of the suite holds it while it trains
+        assert _bench(tmp_path, teacher_override) == 0
+    printed = capsys.readouterr().out
+    assert "kd seed 0: running in another process, skipped" in printed
+    assert [r["entry"] for r in _records(tmp_path)] == ["cudfkd"]
+    assert not (tmp_path / "kd" / "seed0" / "checkpoints").exists()
+
+    assert _bench(tmp_path, teacher_override) == 0
+    assert [r["entry"] for r in _records(tmp_path)] == ["kd", "cudfkd"], "the suite's order, once both are done"

@@ -36,7 +36,7 @@ def test_a_run_writes_exactly_the_documented_run_directory(tmp_path):
     summary = Trainer(_cfg(tmp_path)).fit()
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "student.safetensors", "summary.json", "tb",
+        ".lock", "checkpoints", "config.yaml", "metrics.jsonl", "student.safetensors", "summary.json", "tb",
     ]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [entry["epoch"] for entry in lines] == [1, 2, 3]
@@ -142,3 +142,32 @@ def test_a_missing_teacher_is_trained_on_this_runs_data_root(tmp_path, monkeypat
         engine.ensure_teacher(cfg)
         assert trained[-1].data.root == expected_root, "another dataset keeps the teacher recipe's own root"
         assert trained[-1].output_dir == str(tmp_path / run_dataset)
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path):
+    import multiprocessing
+
+    from dfkd.checkpoint import run_lock
+    from dfkd.errors import RunLockedError
+
+    folder = tmp_path / "run"
+    with run_lock(folder):
+        with pytest.raises(RunLockedError, match=r"process \d+ on .* is training into"):
+            Trainer(_cfg(tmp_path)).fit()  # another open file description: refused, like another process
+        assert not (folder / "checkpoints").exists(), "the refused run wrote nothing"
+        child = multiprocessing.get_context("spawn").Process(target=_try_lock, args=(str(folder),))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 3, "another process is refused while the lock is held"
+    assert Trainer(_cfg(tmp_path, "train.epochs=1")).fit()["steps"] == 4, "released when its holder ends"
+
+
+def _try_lock(folder: str) -> None:
+    from dfkd.checkpoint import run_lock
+    from dfkd.errors import RunLockedError
+
+    try:
+        with run_lock(Path(folder)):
+            raise SystemExit(0)
+    except RunLockedError:
+        raise SystemExit(3) from None
