@@ -111,7 +111,7 @@ def _train(recipe: str, overrides: Sequence[str]) -> int:
     trainer = Trainer(cfg)
     summary = trainer.fit()
     if trainer.accelerator.is_main_process:
-        final = {k: round(v, 4) for k, v in summary.items() if k.startswith("final_")}
+        final = {k: round(v, 4) for k, v in summary.items() if k.startswith("final_") and isinstance(v, float)}
         print(json.dumps({"output_dir": str(cfg.output_dir), **final, "wall_s": round(summary["wall_s"], 1)}))
     return 0
 

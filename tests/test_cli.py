@@ -119,6 +119,13 @@ def test_train_then_eval_prints_json(tmp_path, capsys):
     assert against_itself["loyalty"] == pytest.approx(1.0, abs=1e-6)
     assert 0.99 < against_itself["loyalty_ref"] <= 1.0
 
+    distilled = tmp_path / "distilled"  # a run with a teacher: its summary also holds the loyalty histogram
+    assert main(["train", "recipes/procedural/teacher_resnet20.yaml", *TINY, f"output_dir={distilled}",
+                 "teacher.arch=lenet5_half", f"teacher.checkpoint={ckpt}", "loss.terms={kd: 1.0}"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["final_teacher_acc1"] == pytest.approx(trained["final_acc1"], abs=1e-4)
+    assert {"final_agree1", "final_loyalty"} <= set(printed) and "final_loyalty_hist" not in printed
+
 
 def test_list_models(capsys):
     assert main(["list", "models"]) == 0
