@@ -15,6 +15,10 @@ Each :meth:`InversionSynthesizer.step` is one **round**:
    rendered for that step, before the update), tracked on the device with
    ``torch.where``, so the loop never waits for the device.
 
+:meth:`InversionSynthesizer.step` runs a whole round; :meth:`~InversionSynthesizer.begin_round`,
+:meth:`~InversionSynthesizer.update` and :meth:`~InversionSynthesizer.finish_round` are its three parts,
+for a caller that drives a round one inner iteration at a time (``benchmarks/speed.py`` times one).
+
 Trainable parameters of the terms (CMI's projection head) are updated with
 every step by a second Adam optimiser that persists across rounds, as CMI's
 ``optimizer_head`` does. Terms with per-round state (CMI's memory bank) follow
@@ -35,7 +39,7 @@ they live in the teacher's input space and are clipped back to the image of
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import kornia.augmentation as K
 import torch
@@ -46,16 +50,22 @@ from generators.parallel import average_gradients, broadcast_module
 from generators.synthesizers import SYNTHESIZERS, Normalize, Synthesizer, eval_mode
 from generators.terms import Term
 
-__all__ = ["InversionSynthesizer"]
+__all__ = ["InversionSynthesizer", "InversionRound"]
 
 
 @dataclass
-class _Round:
-    """What one round optimises and how it renders its batch."""
+class InversionRound:
+    """One round in progress: what it optimises, how it renders its batch, and the batch it keeps so far."""
 
     variables: list[Tensor]  # re-initialised tensors this round's optimiser updates
     render: Callable[[], Tensor]  # the batch in [0, 1], [B, C, H, W], differentiable in `variables`
     project: Callable[[], None]  # after each update: bring the variables back to their valid set
+    optimizer: torch.optim.Optimizer | None = None  # Adam over `variables`, made anew for the round
+    targets: Tensor | None = None  # [B] sampled classes, sorted, or None for the teacher's argmax
+    updates: int = 0  # inner iterations taken
+    best_loss: Tensor | None = None  # 0-dim, the kept batch's total loss
+    best: Tensor | None = None  # [B, C, H, W] the kept batch in [0, 1], float32
+    best_logs: dict[str, Tensor] = field(default_factory=dict)  # the kept batch's terms
 
 
 @SYNTHESIZERS.register("inversion")
@@ -129,7 +139,7 @@ class InversionSynthesizer(Synthesizer):
         low, high = self._box(x.device)
         return (x - low) / (high - low)
 
-    def _pixel_round(self, device: torch.device) -> _Round:
+    def _pixel_round(self, device: torch.device) -> InversionRound:
         pixels = torch.randn(self.batch_size, *self.image_shape, device=device, requires_grad=True)
         low, high = self._box(device)
 
@@ -137,9 +147,9 @@ class InversionSynthesizer(Synthesizer):
             with torch.no_grad():
                 pixels.clamp_(low, high)
 
-        return _Round([pixels], lambda: self._to_unit(pixels), project)
+        return InversionRound([pixels], lambda: self._to_unit(pixels), project)
 
-    def _generator_round(self, device: torch.device) -> _Round:
+    def _generator_round(self, device: torch.device) -> InversionRound:
         reset_parameters_dcgan(self.generator)
         broadcast_module(self.generator)  # one generator per round across processes; the codes stay per shard
         z = torch.randn(self.batch_size, self.generator.nz, device=device, requires_grad=True)
@@ -148,49 +158,68 @@ class InversionSynthesizer(Synthesizer):
             out = self.generator(z)
             return out if self.generator.output_range == "unit" else self._to_unit(out)
 
-        return _Round([z, *self.generator.parameters()], render, lambda: None)
+        return InversionRound([z, *self.generator.parameters()], render, lambda: None)
 
     # -- one round
 
     def step(self, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]) -> dict[str, Tensor]:
         """One round; returns the kept batch's terms, raw and weighted, and its total ``loss``."""
-        device = next(teacher.parameters()).device
+        current = self.begin_round(next(teacher.parameters()).device)
+        with eval_mode(teacher, student):
+            for _ in range(self.g_steps):
+                self.update(current, teacher, student, weights)
+        return self.finish_round(current)
+
+    def begin_round(self, device: torch.device) -> InversionRound:
+        """Draw the round's targets, re-initialise what it optimises and make its optimiser."""
         targets = self.draw_targets(self.batch_size, device)
         if targets is not None:
             targets = targets.sort().values  # as the references do, so previews read class by class
         current = self._new_round(device)
-        optimizer = torch.optim.Adam(current.variables, lr=self.lr, betas=self.betas)
-        trainable = [*current.variables, *self.term_parameters]
-        shared = [*(self.generator.parameters() if self.generator is not None else ()), *self.term_parameters]
-        replicated = [self.generator] if self.generator is not None else []
+        current.targets = targets
+        current.optimizer = torch.optim.Adam(current.variables, lr=self.lr, betas=self.betas)
         if self.generator is not None:
             self.generator.train()
-        with eval_mode(teacher, student):
-            for i in range(self.g_steps):
-                unit = current.render()
-                x = self.normalize(self.global_view(unit))
-                total, logs, _ = self.losses(x, teacher, student, weights, targets, unit=unit)
-                if i == 0:  # the first batch is kept whatever its loss (even a non-finite one)
-                    improved = torch.ones((), dtype=torch.bool, device=device)
-                    best_loss, best, best_logs = total.detach(), unit.detach().float(), logs
-                else:  # then only a strictly lower loss replaces it
-                    improved = total.detach() < best_loss
-                    best_loss = torch.where(improved, total.detach(), best_loss)
-                    best = torch.where(improved, unit.detach().float(), best)
-                    best_logs = {name: torch.where(improved, value, best_logs[name]) for name, value in logs.items()}
-                for term in self.terms.values():
-                    term.keep(improved)
-                optimizer.zero_grad(set_to_none=True)
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward(inputs=trainable)
-                average_gradients(shared, replicated)
-                optimizer.step()
-                self.optimizer.step()
-                current.project()
+        return current
+
+    def update(
+        self, current: InversionRound, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]
+    ) -> None:
+        """One inner iteration of ``current``: render, augment, score, keep the batch if it is the best so
+        far, and take one step. The caller holds ``teacher`` and ``student`` in eval mode (as :meth:`step` does)."""
+        unit = current.render()
+        x = self.normalize(self.global_view(unit))
+        total, logs, _ = self.losses(x, teacher, student, weights, current.targets, unit=unit)
+        if current.updates == 0:  # the first batch is kept whatever its loss (even a non-finite one)
+            improved = torch.ones((), dtype=torch.bool, device=total.device)
+            current.best_loss, current.best, current.best_logs = total.detach(), unit.detach().float(), logs
+        else:  # then only a strictly lower loss replaces it
+            improved = total.detach() < current.best_loss
+            current.best_loss = torch.where(improved, total.detach(), current.best_loss)
+            current.best = torch.where(improved, unit.detach().float(), current.best)
+            current.best_logs = {
+                name: torch.where(improved, value, current.best_logs[name]) for name, value in logs.items()
+            }
+        for term in self.terms.values():
+            term.keep(improved)
+        current.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward(inputs=[*current.variables, *self.term_parameters])
+        shared = [*(self.generator.parameters() if self.generator is not None else ()), *self.term_parameters]
+        average_gradients(shared, [self.generator] if self.generator is not None else [])
+        current.optimizer.step()
+        self.optimizer.step()
+        current.project()
+        current.updates += 1
+
+    def finish_round(self, current: InversionRound) -> dict[str, Tensor]:
+        """End ``current``: its kept batch becomes :meth:`best_images`; returns that batch's terms."""
+        if current.updates == 0:
+            raise RuntimeError("an inversion round needs at least one update before it ends")
         for term in self.terms.values():
             term.end_round()
-        self._best = best
-        return best_logs
+        self._best = current.best
+        return current.best_logs
 
     # -- the kept batch
 

@@ -296,7 +296,7 @@ def test_a_bad_override_in_a_later_entry_fails_before_the_first_run(tmp_path, te
     assert "'optim.lrr'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["tiny", "mnist", "cifar10_jpeg_cpu", "cifar10_paper", "cifar100_paper"])
+@pytest.mark.parametrize("name", ["tiny", "mnist", "cifar10_jpeg_cpu", "cifar10_paper", "cifar100_paper", "speed"])
 def test_every_shipped_suite_validates(name, tmp_path):
     suite = load_suite(name)
     runs = plan_runs(suite, [], tmp_path)

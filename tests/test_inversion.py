@@ -194,6 +194,27 @@ def test_every_round_starts_from_a_fresh_generator_and_fresh_codes(monkeypatch):
     assert not torch.equal(scripted.seen[2], scripted.seen[1]), "round 2's first batch is not round 1's last"
 
 
+@pytest.mark.parametrize("generator", [False, True])
+def test_a_round_driven_one_update_at_a_time_is_the_round_of_step(generator):
+    def terms() -> dict[str, Term]:
+        return {"bn": TERMS.get("bn")(), "oh": TERMS.get("oh")()}
+
+    torch.manual_seed(3)
+    whole, teacher = make_synth(terms(), generator=generator, g_steps=3)
+    logs = whole.step(teacher, None, weights_of(whole))
+
+    torch.manual_seed(3)
+    parts, teacher = make_synth(terms(), generator=generator, g_steps=3)
+    current = parts.begin_round(torch.device("cpu"))
+    for _ in range(3):
+        parts.update(current, teacher, None, weights_of(parts))
+    assert current.updates == 3
+    assert torch.equal(parts.finish_round(current)["loss"], logs["loss"])
+    assert torch.equal(parts.best_images(), whole.best_images())
+    with pytest.raises(RuntimeError, match="at least one update"):
+        parts.finish_round(parts.begin_round(torch.device("cpu")))
+
+
 def test_pixel_rounds_start_from_fresh_noise_and_stay_in_the_image_box():
     scripted = Scripted([1.0])
     synth, teacher = make_synth({"scripted": scripted, "oh": TERMS.get("oh")()}, batch_size=8, g_steps=3, lr=0.5)

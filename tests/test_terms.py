@@ -25,6 +25,7 @@ from generators.terms import (
     OneHot,
     SynthBatch,
     TotalVariation,
+    channel_moments,
 )
 
 CLASSES = 5
@@ -212,6 +213,37 @@ def test_bn_gradient_wrt_images_in_float64():
     (g_term,) = torch.autograd.grad(run_hooked(term, net, x), x)
     (g_ref,) = torch.autograd.grad(bn_reference(net, x, 3.0), x)
     assert torch.allclose(g_term, g_ref, atol=1e-10)
+
+
+def test_bn_on_a_channels_last_teacher_matches_the_reference_and_its_gradient():
+    # A channels-last BN input is reduced as its [N·H·W, C] view (generators.terms.channel_moments).
+    net = make_teacher().to(memory_format=torch.channels_last)
+    x = images(n=2, size=3, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    term = BNStatistics(first_multiplier=3.0)
+    term.attach(net)
+    assert all(h.is_contiguous(memory_format=torch.channels_last) for h in bn_inputs_by_hand(net, x))  # the case tested
+    value = run_hooked(term, net, x)
+    assert value.item() == pytest.approx(bn_reference(net, x, 3.0).item(), rel=1e-10, abs=1e-12)
+    (g_term,) = torch.autograd.grad(value, x)
+    (g_ref,) = torch.autograd.grad(bn_reference(net, x, 3.0), x)
+    assert torch.allclose(g_term, g_ref, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda inp: run_hooked(term, net, inp), (x,))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_channel_moments_and_their_fused_gradient_match_a_hand_written_reference(memory_format):
+    x = images(n=3, size=4, seed=5).mul(2).add(0.5).contiguous(memory_format=memory_format).requires_grad_(True)
+    mean, var = channel_moments(x)
+    n = 3 * 4 * 4
+    ref_mean = x.sum(dim=(0, 2, 3)) / n
+    ref_var = ((x - ref_mean.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3)) / n
+    assert torch.allclose(mean, ref_mean, rtol=1e-12) and torch.allclose(var, ref_var, rtol=1e-12)
+    g = torch.Generator().manual_seed(6)
+    g_mean, g_var = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((mean * g_mean).sum() + (var * g_var).sum(), x)
+    (ref,) = torch.autograd.grad((ref_mean * g_mean).sum() + (ref_var * g_var).sum(), x)
+    assert torch.allclose(grad, ref, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda inp: channel_moments(inp), (x,))
 
 
 def test_bn_records_nothing_outside_capturing():
