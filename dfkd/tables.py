@@ -124,9 +124,10 @@ def _method(record: Mapping[str, Any]) -> str:
     return str(record.get("method") or record["entry"])
 
 
-def _pair_label(pair: Pair) -> str:
-    dataset, teacher, student = pair
-    return f"{teacher} → {student} ({dataset})" if teacher != "None" else f"{student} ({dataset})"
+def _pair_label(pair: Pair, *, dataset: bool = True) -> str:
+    name, teacher, student = pair
+    label = f"{teacher} → {student}" if teacher != "None" else student
+    return f"{label} ({name})" if dataset else label
 
 
 # --------------------------------------------------------------------------- tables
@@ -195,7 +196,7 @@ def stability_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers |
         first = group[0]
         paper = (papers.stability.get(pair_of(first), {}) if papers else {}).get(_method(first), (None,) * _STABILITY_LEN)
         lines.append("| " + " | ".join([
-            entry, _method(first), _pair_label(pair_of(first)).split(" (")[0], ", ".join(str(r["seed"]) for r in group),
+            entry, _method(first), _pair_label(pair_of(first), dataset=False), ", ".join(str(r["seed"]) for r in group),
             _cell(_numbers(group, "steps"), 0),
             _cell(_numbers(group, "final_acc1"), 2),
             _cell(_numbers(group, "mean_acc1"), 2, paper[0]),
