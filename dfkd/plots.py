@@ -4,8 +4,8 @@
   per method (the mean over seeds, with the seeds' range shaded), from each
   run's ``metrics.jsonl``.
 - ``loyalty_<pair>.png``: each method's distribution of per-sample loyalty on
-  the test set at the end of training, from ``final_loyalty_hist`` in the
-  runs' summaries (seeds pooled).
+  the test set at the end of training, one panel per method, from
+  ``final_loyalty_hist`` in the runs' summaries (seeds pooled).
 - ``schedules_<entry>.png``: alpha_adv, lambda and the mean self-paced weight
   v over training, one line per seed, from the TensorBoard scalars
   ``synth/weight/adv``, ``weighting/lambda`` and ``weighting/v_mean``, for
@@ -86,25 +86,33 @@ def _curves(title: str, by_method: Mapping[str, Sequence[Mapping[str, Any]]], pa
 
 
 def _loyalty(title: str, by_method: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path | None:
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    drawn = False
-    for method, runs in by_method.items():
-        hists = [r["final_loyalty_hist"] for r in runs if r.get("final_loyalty_hist")]
-        if not hists:
-            continue
-        counts = np.sum(np.array(hists, dtype=float), axis=0)
+    """One panel per method, as the paper's Fig. 2 (a)-(d): the density of per-sample loyalty, seeds pooled."""
+    hists = {
+        method: np.sum(np.array([r["final_loyalty_hist"] for r in runs], dtype=float), axis=0)
+        for method, runs in by_method.items() if any(r.get("final_loyalty_hist") for r in runs)
+        and all(r.get("final_loyalty_hist") for r in runs)
+    }
+    if not hists:
+        return None
+    cols = min(len(hists), 3)
+    rows = -(-len(hists) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharex=True, squeeze=False)
+    for ax, (method, counts) in zip(axes.flat, hists.items()):
         bins = len(counts)
         edges = np.linspace(0.0, 1.0, bins + 1)
-        ax.stairs(counts / counts.sum() * bins, edges, label=method, linewidth=1.4)  # a density: area 1
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("per-sample loyalty  1 - sqrt(JS)  on the test set")
-    ax.set_ylabel("density")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+        density = counts / counts.sum() * bins  # area 1
+        ax.stairs(density, edges, fill=True, alpha=0.6)
+        mean = float(np.sum(counts * (edges[:-1] + 0.5 / bins)) / counts.sum())
+        ax.axvline(mean, color="black", linewidth=0.8, linestyle="--")
+        ax.set_title(f"{method} (mean {mean:.2f})", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(hists):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("per-sample loyalty on the test set")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("density")
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

@@ -197,7 +197,7 @@ def stability_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers |
         paper = (papers.stability.get(pair_of(first), {}) if papers else {}).get(_method(first), (None,) * _STABILITY_LEN)
         lines.append("| " + " | ".join([
             entry, _method(first), _pair_label(pair_of(first), dataset=False), ", ".join(str(r["seed"]) for r in group),
-            _cell(_numbers(group, "steps"), 0),
+            " / ".join(str(int(n)) for n in dict.fromkeys(_numbers(group, "steps"))) or "-",  # runs of a suite entry share it
             _cell(_numbers(group, "final_acc1"), 2),
             _cell(_numbers(group, "mean_acc1"), 2, paper[0]),
             _cell(_numbers(group, "var_acc1"), 2, paper[1]),

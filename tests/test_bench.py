@@ -189,7 +189,7 @@ def test_the_stability_table_aggregates_seeds_and_converts_units(tmp_path):
         "| entry | method | teacher → student | seeds | steps | final Acc@1 | μ Acc@1 | σ² Acc@1 | best Acc@1 "
         "| peak mem (GB) | wall (h) | synthesis (h) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        "| cudfkd | CuDFKD | resnet34 → resnet18 | 0, 1 | 100 ± 0 | 91.00 ± 1.00 | 86.00 ± 1.00 [94.10] "
+        "| cudfkd | CuDFKD | resnet34 → resnet18 | 0, 1 | 100 | 91.00 ± 1.00 | 86.00 ± 1.00 [94.10] "
         "| 3.00 ± 1.00 [2.88] | 92.00 ± 1.00 [95.00] | 2.00 ± 1.00 [6.84] | 1.500 ± 0.500 [5.480] | 0.500 ± 0.000 |\n"
         "| scratch | scratch | resnet18 | 0 | 100 | 70.12 | 69.00 | - | 71.00 | 1.00 | 1.000 | 0.500 |\n"
     )
