@@ -138,7 +138,8 @@ def accuracy_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers | 
 
     T.Scratch is the teacher's own Acc@1 on the test split (``final_teacher_acc1``)
     with Agree@1 100 and loyalty 1; it appears for every pair that has runs
-    with a teacher. Methods appear in the order of their first run.
+    with a teacher, each distinct value once (``a / b`` where runs evaluated on
+    different test subsets or had different teachers). Methods appear in the order of their first run.
     """
     pairs: list[Pair] = []
     methods: list[str] = []
@@ -162,8 +163,10 @@ def accuracy_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers | 
             paper = (papers.accuracy.get(pair, {}) if papers else {}).get(method, (None,) * _ACCURACY_LEN)
             if method == TEACHER_ROW:
                 ran = [r for m in methods for r in cells.get((m, pair), [])]
-                teacher = list(dict.fromkeys(_numbers(ran, "final_teacher_acc1")))  # each distinct teacher once
-                line += [_cell(teacher, 2, paper[0]), *((_cell([100.0], 2, paper[1]), _cell([1.0], 4, paper[2])) if teacher else ("-", "-"))]
+                # Each distinct value once, side by side: runs may use another teacher (per seed) or test subset.
+                teacher = " / ".join(_fmt(v, 2) for v in dict.fromkeys(_numbers(ran, "final_teacher_acc1"))) or "-"
+                teacher += f" [{_fmt(paper[0], 2)}]" if paper[0] is not None else ""
+                line += [teacher, *((_cell([100.0], 2, paper[1]), _cell([1.0], 4, paper[2])) if teacher[0] != "-" else ("-", "-"))]
                 continue
             ran = cells.get((method, pair), [])
             line += [
