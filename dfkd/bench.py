@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from dfkd.config import load_config
 from dfkd.errors import ConfigError, RunLockedError
 from dfkd.registry import close_matches
-from dfkd.tables import PaperNumbers, accuracy_table, load_paper_numbers, pair_of, stability_table
+from dfkd.tables import PaperNumbers, accuracy_table, fmt, load_paper_numbers, pair_of, stability_table
 
 __all__ = ["Suite", "SuiteEntry", "PlannedRun", "load_suite", "resolve_suite", "run_suite", "plan_runs", "write_results", "format_results", "update_readme",
            "RECORD_FIELDS"]
@@ -283,12 +283,8 @@ def run_suite(
 
 
 def _one_line(summary: Mapping[str, Any]) -> str:
-    def fmt(key: str, digits: int) -> str:
-        value = summary.get(key)
-        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
-
-    return (f"Acc@1 {fmt('final_acc1', 2)}, Agree@1 {fmt('final_agree1', 2)}, loyalty {fmt('final_loyalty', 4)}, "
-            f"wall {fmt('wall_s', 1)} s")
+    return (f"Acc@1 {fmt(summary.get('final_acc1'), 2)}, Agree@1 {fmt(summary.get('final_agree1'), 2)}, "
+            f"loyalty {fmt(summary.get('final_loyalty'), 4)}, wall {fmt(summary.get('wall_s'), 1)} s")
 
 
 def write_results(

@@ -28,7 +28,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dfkd.tables import pair_of  # noqa: E402
+from dfkd.tables import method_of, pair_of  # noqa: E402
 
 __all__ = ["write_plots"]
 
@@ -38,10 +38,6 @@ _SCHEDULE_TAGS = (("synth/weight/adv", "alpha_adv"), ("weighting/lambda", "lambd
 
 def _slug(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(parts)).strip("_")
-
-
-def _method(record: Mapping[str, Any]) -> str:
-    return str(record.get("method") or record["entry"])
 
 
 def _history(run_dir: Path) -> list[dict[str, float]]:
@@ -157,7 +153,7 @@ def write_plots(records: Sequence[Mapping[str, Any]], folder: Path) -> list[Path
     by_pair: dict[tuple[str, str, str], dict[str, list[Mapping[str, Any]]]] = {}
     by_entry: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
-        by_pair.setdefault(pair_of(record), {}).setdefault(_method(record), []).append(record)
+        by_pair.setdefault(pair_of(record), {}).setdefault(method_of(record), []).append(record)
         by_entry.setdefault(record["entry"], []).append(record)
     written: list[Path] = []
     for (dataset, teacher, student), by_method in by_pair.items():

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from dfkd.errors import ConfigError
 
-__all__ = ["PaperNumbers", "load_paper_numbers", "accuracy_table", "stability_table", "pair_of", "TEACHER_ROW", "SCRATCH_ROW"]
+__all__ = ["PaperNumbers", "load_paper_numbers", "accuracy_table", "stability_table", "pair_of", "method_of", "fmt", "TEACHER_ROW", "SCRATCH_ROW"]
 
 TEACHER_ROW = "T.Scratch"  # the teacher itself: Agree@1 100 and loyalty 1 by definition (CuDFKD, section V-B)
 SCRATCH_ROW = "S.Scratch"  # the student trained on the real data, measured against the teacher
@@ -100,8 +100,11 @@ def _numbers(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+def fmt(value: Any, digits: int) -> str:
+    """``value`` with ``digits`` decimals; ``-`` for a missing or non-finite one."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return "-"
+    return f"{value:.{digits}f}"
 
 
 def _cell(values: list[float], digits: int, paper: float | None = None, scale: float = 1.0) -> str:
@@ -110,17 +113,18 @@ def _cell(values: list[float], digits: int, paper: float | None = None, scale: f
     if not values:
         ours = "-"
     elif len(values) == 1:
-        ours = _fmt(values[0], digits)
+        ours = fmt(values[0], digits)
     else:
-        ours = f"{_fmt(statistics.fmean(values), digits)} ± {_fmt(statistics.pstdev(values), digits)}"
-    return ours if paper is None else f"{ours} [{_fmt(paper, digits)}]"
+        ours = f"{fmt(statistics.fmean(values), digits)} ± {fmt(statistics.pstdev(values), digits)}"
+    return ours if paper is None else f"{ours} [{fmt(paper, digits)}]"
 
 
 def pair_of(record: Mapping[str, Any]) -> Pair:
     return (str(record.get("dataset")), str(record.get("teacher")), str(record.get("student")))
 
 
-def _method(record: Mapping[str, Any]) -> str:
+def method_of(record: Mapping[str, Any]) -> str:
+    """A record's row label: its ``method``, else its entry's name."""
     return str(record.get("method") or record["entry"])
 
 
@@ -147,7 +151,7 @@ def accuracy_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers | 
     for record in records:
         if record.get("teacher") is None:
             continue  # no teacher, nothing to agree with: such a run belongs in the stability table only
-        pair, method = pair_of(record), _method(record)
+        pair, method = pair_of(record), method_of(record)
         pairs += [pair] if pair not in pairs else []
         methods += [method] if method not in methods else []
         cells.setdefault((method, pair), []).append(record)
@@ -164,8 +168,8 @@ def accuracy_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers | 
             if method == TEACHER_ROW:
                 ran = [r for m in methods for r in cells.get((m, pair), [])]
                 # Each distinct value once, side by side: runs may use another teacher (per seed) or test subset.
-                teacher = " / ".join(_fmt(v, 2) for v in dict.fromkeys(_numbers(ran, "final_teacher_acc1"))) or "-"
-                teacher += f" [{_fmt(paper[0], 2)}]" if paper[0] is not None else ""
+                teacher = " / ".join(fmt(v, 2) for v in dict.fromkeys(_numbers(ran, "final_teacher_acc1"))) or "-"
+                teacher += f" [{fmt(paper[0], 2)}]" if paper[0] is not None else ""
                 line += [teacher, *((_cell([100.0], 2, paper[1]), _cell([1.0], 4, paper[2])) if teacher[0] != "-" else ("-", "-"))]
                 continue
             ran = cells.get((method, pair), [])
@@ -197,9 +201,9 @@ def stability_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers |
     lines = ["| " + " | ".join(_STABILITY_COLUMNS) + " |", "|" + "---|" * len(_STABILITY_COLUMNS)]
     for entry, group in groups.items():
         first = group[0]
-        paper = (papers.stability.get(pair_of(first), {}) if papers else {}).get(_method(first), (None,) * _STABILITY_LEN)
+        paper = (papers.stability.get(pair_of(first), {}) if papers else {}).get(method_of(first), (None,) * _STABILITY_LEN)
         lines.append("| " + " | ".join([
-            entry, _method(first), _pair_label(pair_of(first), dataset=False), ", ".join(str(r["seed"]) for r in group),
+            entry, method_of(first), _pair_label(pair_of(first), dataset=False), ", ".join(str(r["seed"]) for r in group),
             " / ".join(str(int(n)) for n in dict.fromkeys(_numbers(group, "steps"))) or "-",  # runs of a suite entry share it
             _cell(_numbers(group, "final_acc1"), 2),
             _cell(_numbers(group, "mean_acc1"), 2, paper[0]),
