@@ -166,21 +166,33 @@ def evaluate(
     teacher: nn.Module | None = None,
     *,
     per_sample: bool = False,
+    teacher_cache: list[Tensor] | None = None,
 ) -> dict[str, Any]:
     """Acc@1/5, and against a teacher Agree@1, loyalty and loyalty_ref, over every test sample once.
 
     Args:
         loader: a loader prepared by ``accelerator`` yielding ``(uint8 images, labels)``.
         per_sample: also return the gathered per-sample values under ``"per_sample"``.
+        teacher_cache: the frozen teacher's logits per batch of ``loader``, which must yield the
+            same batches in the same order every time. An empty list is filled on the first call
+            and later calls read it instead of running the teacher again.
     """
     was_training = student.training
     student.eval()
     chunks: dict[str, list[Tensor]] = defaultdict(list)
-    for images, labels in loader:
+    cached = len(teacher_cache) if teacher_cache is not None else 0
+    for index, (images, labels) in enumerate(loader):
         x = normalize(to_unit(images))
         with accelerator.autocast():
             s_logits = student(x)
-            t_logits = teacher(x) if teacher is not None else None
+            if teacher is None:
+                t_logits = None
+            elif index < cached:
+                t_logits = teacher_cache[index]
+            else:
+                t_logits = teacher(x)
+                if teacher_cache is not None:
+                    teacher_cache.append(t_logits)
         values = per_sample_metrics(s_logits.float(), labels, None if t_logits is None else t_logits.float())
         for name, value in accelerator.gather_for_metrics(values).items():
             chunks[name].append(value)
@@ -310,6 +322,7 @@ class Trainer:
         self.scheduler = build_lr_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         eval_loader = build_eval_loader(test_set, cfg.eval.batch_size, data.num_workers)
         self.student, self.optimizer, self.eval_loader = self.accelerator.prepare(self.student, optimizer, eval_loader)
+        self._teacher_eval_logits: list[Tensor] = []  # the frozen teacher on the test split: computed once
         if self.temperature.module is not None:  # on the device, and under DDP its gradients are all-reduced
             self.temperature.module = self.accelerator.prepare(self.temperature.module)
 
@@ -551,7 +564,13 @@ class Trainer:
 
     def _evaluate_and_record(self) -> None:
         metrics = evaluate(
-            self.student, self.eval_loader, self.normalize, self.accelerator, self.teacher, per_sample=self.teacher is not None
+            self.student,
+            self.eval_loader,
+            self.normalize,
+            self.accelerator,
+            self.teacher,
+            per_sample=self.teacher is not None,
+            teacher_cache=self._teacher_eval_logits,
         )
         per_sample = metrics.pop("per_sample", None)
         if per_sample is not None:

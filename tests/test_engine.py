@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dfkd.checkpoint import read_model_metadata
 from dfkd.config import load_config
-from dfkd.engine import Trainer
+from dfkd.engine import Trainer, evaluate
 from dfkd.metrics import HISTOGRAM_BINS
 
 TINY = [
@@ -76,6 +76,24 @@ def test_a_kd_run_reports_teacher_agreement(tmp_path):
     centres = [(i + 0.5) / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS)]
     assert sum(c * n for c, n in zip(centres, hist)) / 128 == pytest.approx(summary["final_loyalty"], abs=0.5 / HISTOGRAM_BINS)
     assert 0.0 <= summary["final_loyalty"] <= 1.0
+
+
+def test_evaluation_runs_the_frozen_teacher_once_and_reuses_its_logits(tmp_path):
+    teacher_dir = tmp_path / "t"
+    Trainer(_cfg(tmp_path, f"output_dir={teacher_dir}", "train.epochs=1")).fit()
+    trainer = Trainer(_cfg(
+        tmp_path, "train.epochs=1", "teacher.arch=lenet5_half", f"teacher.checkpoint={teacher_dir / 'student.safetensors'}",
+        "loss.terms={kd: 1.0}",
+    ))
+    calls = []
+    trainer.teacher.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    cache: list[torch.Tensor] = []
+    args = (trainer.student, trainer.eval_loader, trainer.normalize, trainer.accelerator, trainer.teacher)
+    first = evaluate(*args, teacher_cache=cache)
+    assert calls == [64, 64] and len(cache) == 2  # 128 test images in batches of 64
+    second = evaluate(*args, teacher_cache=cache)
+    assert calls == [64, 64], "the second evaluation must read the cache, not run the teacher"
+    assert second == first == evaluate(*args)  # and agree with an uncached evaluation
 
 
 def test_resume_continues_where_it_stopped_and_matches_an_uninterrupted_run(tmp_path, crash_after_checkpoint):
