@@ -4,7 +4,8 @@ Contrastive Model Inversion (Fang et al., IJCAI 2021) adds an instance
 discrimination loss to model inversion. Each image is described by the
 teacher's **BN-input features**, ``f(x) [D]``: the per-channel spatial mean of
 the input of every BatchNorm2d layer, concatenated (CMI's ``InstanceMeanHook``
-on all BN layers). Two views of the same batch are compared through a
+on all BN layers). A teacher without BN layers (LeNet-5) is described by the
+outputs of its Conv2d layers instead: the tensors a BN layer would normalise. Two views of the same batch are compared through a
 projection head ``h`` (``Linear(D, D) - ReLU - Linear(D, head_dim)``, output
 L2-normalised):
 
@@ -122,24 +123,32 @@ class Contrastive(_HookedTerm):
         self._kept: Tensor | None = None  # [B, 2D] features of the round's kept batch so far
 
     def attach(self, teacher: nn.Module, *, feature_module: nn.Module | None = None) -> None:
-        layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        bn_layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        # What a BN layer normalises is a conv layer's output; a teacher without BN (LeNet-5) is
+        # described by those outputs directly, which is the same feature where both exist.
+        layers = bn_layers or [m for m in teacher.modules() if isinstance(m, nn.Conv2d)]
         if not layers:
-            raise ValueError("the contrastive term needs a teacher with BatchNorm2d layers, and this teacher has none")
-        dim = sum(layer.num_features for layer in layers)
-        device = layers[0].running_mean.device
+            raise ValueError("the contrastive term needs a teacher with BatchNorm2d or Conv2d layers, and this teacher has none")
+        dim = sum(layer.num_features if bn_layers else layer.out_channels for layer in layers)
+        device = next(teacher.parameters()).device
         self.head = ProjectionHead(dim, self.head_dim).to(device)
         self.bank = RingBuffer(self.bank_size, (2 * dim,), torch.float16, device)
         # A bound method, not the module: the teacher must not become a submodule of this term.
         self._teacher = teacher.__call__
-        self._handles = [layer.register_forward_hook(self._record) for layer in layers]
+        record = self._record_input if bn_layers else self._record_output
+        self._handles = [layer.register_forward_hook(record) for layer in layers]
 
     def close(self) -> None:
         super().close()
         self._teacher = None
 
-    def _record(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    def _record_input(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if self._active:
             self._records.append(upcast(inputs[0]).mean(dim=(2, 3)))  # [B, C_l]
+
+    def _record_output(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if self._active:
+            self._records.append(upcast(output).mean(dim=(2, 3)))  # [B, C_l]
 
     def local_view(self, unit: Tensor) -> Tensor:
         """``[B, C, H, W]`` in ``[0, 1]`` to a random resized crop (25-100% of the area) with a random flip."""

@@ -139,6 +139,39 @@ def test_contrastive_gradient_in_float64_flows_through_the_local_view_only():
     assert low.dtype == torch.float32 and torch.isfinite(low), "bf16 projections, float32 logits"
 
 
+def test_contrastive_features_are_the_bn_inputs_or_without_bn_the_conv_outputs():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 8, 8)
+    with_bn = tiny_teacher()
+    bn_inputs = []
+    handles = [m.register_forward_hook(lambda m, i, o: bn_inputs.append(i[0].mean(dim=(2, 3))))
+               for m in with_bn.modules() if isinstance(m, nn.BatchNorm2d)]
+    term = Contrastive(head_dim=4, bank_size=8, n_neg=4)
+    term.attach(with_bn)
+    with term.capturing():
+        with_bn(x)
+    assert torch.equal(torch.cat(term._take(), dim=1), torch.cat(bn_inputs, dim=1))
+    for handle in handles:
+        handle.remove()
+
+    lenet = create_model("lenet5", num_classes=10, in_channels=1).eval()  # no BatchNorm anywhere
+    conv_outputs = []
+    for m in lenet.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda m, i, o: conv_outputs.append(o.mean(dim=(2, 3))))
+    term = Contrastive(head_dim=4, bank_size=8, n_neg=4)
+    term.attach(lenet)
+    assert term.head.net[0].in_features == sum(m.out_channels for m in lenet.modules() if isinstance(m, nn.Conv2d))
+    with term.capturing():
+        lenet(torch.randn(3, 1, 32, 32))
+    assert torch.equal(torch.cat(term._take(), dim=1), torch.cat(conv_outputs, dim=1))
+    term.close()
+    assert not term.attached
+
+    with pytest.raises(ValueError, match="BatchNorm2d or Conv2d"):
+        Contrastive().attach(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+
+
 # --------------------------------------------------------------------------- rounds
 
 
