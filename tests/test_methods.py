@@ -167,7 +167,6 @@ def test_pair_recipes_follow_the_layout(recipe: Path) -> None:
 
 def test_every_method_has_recipes_for_every_dataset() -> None:
     for family in FAMILIES:
-        expected = {m for m in METHODS if not (family == "mnist" and m == "cmi")}  # CMI's terms need BatchNorm
-        assert {m for f, m in REPRESENTATIVES if f == family} == expected, family
-    assert len(PAIR_RECIPES) == 6 + 2 * 7 * 5
+        assert {m for f, m in REPRESENTATIVES if f == family} == set(METHODS), family
+    assert len(PAIR_RECIPES) == 7 + 2 * 7 * 5
     assert {p.name.split("_")[0] for p in JPEG_RECIPES} == {"cudfkd", "dafl", "dfq", "cmi"}
