@@ -5,9 +5,9 @@ discrimination loss to model inversion. Each image is described by the
 teacher's **BN-input features**, ``f(x) [D]``: the per-channel spatial mean of
 the input of every BatchNorm2d layer, concatenated (CMI's ``InstanceMeanHook``
 on all BN layers). A teacher without BN layers (LeNet-5) is described by the
-outputs of its Conv2d layers instead: the tensors a BN layer would normalise. Two views of the same batch are compared through a
-projection head ``h`` (``Linear(D, D) - ReLU - Linear(D, head_dim)``, output
-L2-normalised):
+outputs of its Conv2d layers instead: the tensors a BN layer would normalise.
+Two views of the same batch are compared through a projection head ``h``
+(``Linear(D, D) - ReLU - Linear(D, head_dim)``, output L2-normalised):
 
 - the **global** view, ``crop(pad 4) + flip``, is the one the synthesizer fed the
   teacher; the term's hooks record its features during that forward;
