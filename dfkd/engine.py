@@ -45,6 +45,7 @@ from dfkd.optim import build_lr_scheduler, build_optimizer
 from dfkd.policies.temperature import build_temperature
 from dfkd.policies.weighting import build_weighting
 from dfkd.sources import SOURCES, Batch, Context, SampleSource, SourceEnv
+from dfkd.synthesis import check_generator_fits
 from dfkd.tracking import Meter, RunLogger
 
 __all__ = ["Trainer", "RunState", "build_eval_loader", "build_model", "build_normalize", "evaluate", "make_accelerator"]
@@ -270,6 +271,8 @@ class Trainer:
         self.cfg = cfg
         # The teacher's own run comes first: before seeding, so a reused and a freshly trained teacher give
         # the same run, and before this run's accelerator, whose precision state the teacher run would reset.
+        # A generator that cannot make this dataset's images is reported before that training, not after.
+        check_generator_fits(cfg)
         ensure_teacher(cfg)
         self.accelerator = accelerator or make_accelerator(cfg)
         self.device = self.accelerator.device

@@ -29,17 +29,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dfkd.config import check_component
+from dfkd.data import DATASETS
 from dfkd.errors import ConfigError
 from dfkd.policies.schedules import Schedule, build_schedule
 from generators.networks import GENERATORS
 from generators.synthesizers import SYNTHESIZERS, Synthesizer
 from generators.terms import TERMS, Term
 
-__all__ = ["check_synthesizer", "build_synthesizer", "BuiltSynthesizer"]
+__all__ = ["check_synthesizer", "check_generator_fits", "build_generator", "build_synthesizer", "BuiltSynthesizer"]
 
 _GENERATOR_RESERVED = ("image_size", "channels")
 _NESTED = ("generator", "terms")
@@ -124,6 +126,38 @@ class BuiltSynthesizer:
         return {name: schedule(t, total) for name, schedule in self.schedules.items()}
 
 
+def build_generator(spec: Mapping[str, Any], *, image_size: int, channels: int) -> nn.Module:
+    """The generator of a ``synthesizer.generator`` section, making the dataset's image size.
+
+    Raises:
+        ConfigError: the generator cannot make ``channels × image_size × image_size`` images.
+    """
+    options = dict(spec)
+    name = options.pop("name")
+    try:
+        return GENERATORS.get(name)(image_size=image_size, channels=channels, **options)
+    except ValueError as exc:
+        raise ConfigError(
+            f"synthesizer.generator {name!r} cannot make {channels}x{image_size}x{image_size} images, the "
+            f"dataset's size: {exc}. The generator always synthesises at the dataset's image size; choose a "
+            "data.image_size it supports, or another generator (`dfkd list generators`)."
+        ) from None
+
+
+def check_generator_fits(cfg: DictConfig) -> None:
+    """Fail before anything runs (a teacher's training included) when the recipe's generator cannot make
+    the dataset's images. Built on the meta device: no memory, no initialisation cost."""
+    if cfg.synthesizer is None or cfg.synthesizer.get("generator") is None:
+        return
+    spec = DATASETS.get(cfg.data.name)
+    with torch.device("meta"):
+        build_generator(
+            OmegaConf.to_container(cfg.synthesizer.generator),
+            image_size=cfg.data.image_size or spec.image_size,
+            channels=spec.in_channels,
+        )
+
+
 def build_synthesizer(
     spec: Any,
     *,
@@ -147,16 +181,7 @@ def build_synthesizer(
     name = spec.pop("name")
     generator = None
     if "generator" in spec:
-        gen_spec = spec.pop("generator")
-        gen_name = gen_spec.pop("name")
-        try:
-            generator = GENERATORS.get(gen_name)(image_size=image_size, channels=channels, **gen_spec).to(device)
-        except ValueError as exc:
-            raise ConfigError(
-                f"synthesizer.generator {gen_name!r} cannot make {channels}x{image_size}x{image_size} images, the "
-                f"dataset's size: {exc}. The generator always synthesises at the dataset's image size; choose a "
-                "data.image_size it supports, or another generator (`dfkd list generators`)."
-            ) from None
+        generator = build_generator(spec.pop("generator"), image_size=image_size, channels=channels).to(device)
     terms: dict[str, Term] = {}
     schedules: dict[str, Schedule] = {}
     for term_name, options in spec.pop("terms").items():

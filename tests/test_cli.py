@@ -78,6 +78,16 @@ def test_a_generator_that_cannot_make_the_dataset_image_size_is_named(tmp_path, 
     assert "'dcgan' cannot make 3x30x30 images" in err and "multiple of 4" in err and "data.image_size" in err
 
 
+def test_a_generator_that_cannot_make_the_images_fails_before_the_teacher_is_trained(tmp_path, capsys):
+    teacher_dir = tmp_path / "teacher"  # missing: the quickstart would train it first, for minutes
+    err = _main_error(
+        capsys, "train", "recipes/quickstart.yaml", f"teacher.checkpoint={teacher_dir / 'student.safetensors'}",
+        "data.image_size=30", f"output_dir={tmp_path / 'run'}",
+    )
+    assert "'dcgan' cannot make 3x30x30 images" in err
+    assert not teacher_dir.exists() and not (tmp_path / "run").exists(), "nothing may run before the error"
+
+
 def test_the_generator_image_size_is_not_a_recipe_option(tmp_path, capsys):
     err = _main_error(capsys, "train", "recipes/quickstart.yaml", "synthesizer.generator.image_size=28")
     assert "synthesizer.generator.image_size is not a recipe option" in err and "data.image_size" in err
