@@ -50,6 +50,10 @@ from dfkd.tracking import Meter, RunLogger
 
 __all__ = ["Trainer", "RunState", "build_eval_loader", "build_model", "build_normalize", "evaluate", "make_accelerator"]
 
+# Below this spread (the synthetic batch's per-pixel standard deviation across images, in the
+# teacher's normalised units, where real images are near 1) a synthesizer has collapsed.
+COLLAPSED_SPREAD = 1e-3
+
 
 @dataclass
 class RunState:
@@ -332,6 +336,7 @@ class Trainer:
         self.state = RunState()
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self._last_per_sample: dict[str, Tensor] = {}  # the last step's per-sample loss and weights, for histograms
+        self._collapse_reported = False
 
     # -- setup helpers
 
@@ -530,6 +535,7 @@ class Trainer:
                 "lower the learning rate or the offending term's weight, then resume with train.resume=auto "
                 "(or let the run reload it by itself with train.nonfinite=reload)."
             )
+        self._check_collapse(means.get("synth/spread"))
         means["lr"] = self.scheduler.get_last_lr()[0]
         now, synth = time.perf_counter(), self._synth_counters()
         then, synth_before = self._log_clock
@@ -542,6 +548,25 @@ class Trainer:
         for name, values in self._last_per_sample.items():
             self.logger.histogram(f"per_sample/{name}", values, self.state.step)
         self.logger.progress(0, loss=means["loss"])
+
+    def _check_collapse(self, spread: float | None) -> None:
+        """Say so, once, when the synthetic images stop differing from each other.
+
+        A generator that saturates (a tanh or sigmoid output pinned at its limits, which
+        the DAFL generator's affine-free output BN then maps to zeros) makes one image
+        for every noise vector and rarely recovers: the student then learns nothing for
+        the rest of the run, while every loss looks calm.
+        """
+        if spread is None or spread >= COLLAPSED_SPREAD or self._collapse_reported:
+            return
+        self._collapse_reported = True
+        if self.accelerator.is_main_process:
+            print(
+                f"dfkd: warning: the synthetic images have collapsed to one image at step {self.state.step}: their "
+                f"spread across the batch (synth/spread) is {spread:.2g}, below {COLLAPSED_SPREAD:g}. The student "
+                "learns nothing from here on; lower synthesizer.lr and resume from an earlier checkpoint "
+                "(train.resume=<checkpoint folder>).", file=sys.stderr, flush=True,
+            )
 
     def _mean_over_processes(self, sums: Tensor) -> Tensor:
         """Every process logs, and checks for faults, the same means: those over all processes."""

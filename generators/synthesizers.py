@@ -101,8 +101,10 @@ class Synthesizer(nn.Module):
         Returns:
             ``(total, logs, batch)``: ``total`` is a differentiable scalar; ``logs``
             holds detached scalars ``<term>`` and ``<term>_weighted`` for every term
-            with a nonzero weight (the others are not computed); ``batch`` is what
-            the terms saw (images and logits).
+            with a nonzero weight (the others are not computed), and ``spread``, the
+            images' standard deviation across the batch averaged over pixels (0 when
+            the synthesizer has collapsed to a single image); ``batch`` is what the
+            terms saw (images and logits).
         """
         missing = [name for name in self.terms if name not in weights]
         if missing:
@@ -127,6 +129,8 @@ class Synthesizer(nn.Module):
             total = total + weighted
             logs[name], logs[f"{name}_weighted"] = raw.detach(), weighted.detach()
         logs["loss"] = total.detach()
+        if len(x) > 1:
+            logs["spread"] = x.detach().float().std(dim=0).mean()
         return total, logs, batch
 
     def step(self, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]) -> dict[str, Tensor]:

@@ -77,3 +77,24 @@ def test_the_quickstart_writes_every_curve_the_issue_lists(tmp_path, tiny_teache
     assert {"per_sample/loss", "per_sample/weight"} <= set(events.Tags()["histograms"])
     grids = events.Images("synthetic")
     assert len(grids) == 2, "one grid of synthetic samples per epoch"
+
+
+def test_a_generator_that_collapses_to_one_image_is_reported_once(tmp_path, tiny_teacher, capsys):
+    trainer = Trainer(_reduced(tmp_path, tiny_teacher, "synthesizer.lr=0"))  # lr 0: it stays as set below
+    to_image = trainer.source.built.generator.to_image
+    to_image.weight.data.zero_()
+    to_image.bias.data.zero_()  # sigmoid(0): every pixel of every image is 0.5
+    trainer.fit()
+    err = capsys.readouterr().err
+    assert err.count("collapsed to one image") == 1 and "at step 1:" in err and "synthesizer.lr" in err
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("synth/spread")] == [0.0] * 6
+
+
+def test_a_healthy_generator_logs_its_spread_without_a_warning(tmp_path, tiny_teacher, capsys):
+    Trainer(_reduced(tmp_path, tiny_teacher)).fit()
+    assert "collapsed" not in capsys.readouterr().err
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert min(e.value for e in events.Scalars("synth/spread")) > 0.05

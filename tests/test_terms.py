@@ -661,7 +661,8 @@ def test_step_with_a_training_teacher_and_an_eval_student_restores_both():
 def test_step_returns_every_term_raw_and_weighted():
     synth, teacher, student = make_synthesizer()
     logs = synth.step(teacher, student, WEIGHTS)
-    assert set(logs) == {"loss", *WEIGHTS, *(f"{k}_weighted" for k in WEIGHTS)}
+    assert set(logs) == {"loss", "spread", *WEIGHTS, *(f"{k}_weighted" for k in WEIGHTS)}
+    assert logs["spread"].item() > 0  # distinct noise vectors make distinct images
     total = 0.0
     for name, w in WEIGHTS.items():
         raw, weighted = logs[name].item(), logs[f"{name}_weighted"].item()
