@@ -300,28 +300,42 @@ class CheckpointManager:
         is_main: bool = True,
         barrier: Any = None,
     ) -> Path:
-        """Write a checkpoint for ``step``; return the published folder."""
+        """Write a checkpoint for ``step``; return the published folder.
+
+        Raises:
+            CheckpointError: the files could not be written (a full disk, say). The
+                partial folder is removed and the published checkpoints are untouched.
+        """
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-step_{step:08d}"
         wait = barrier or (lambda: None)
-        if is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            if is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            wait()
+            atomic_write_bytes(tmp / f"process_{rank}.pt", _torch_bytes(dict(local)))
+            wait()
+            if is_main:
+                for name, model in models.items():
+                    atomic_write_bytes(tmp / f"{name}.safetensors", _model_bytes(model))
+                atomic_write_bytes(tmp / "state.pt", _torch_bytes(dict(state)))
+                manifest = {p.name: _file_record(p) for p in sorted(tmp.iterdir())}
+                atomic_write_bytes(tmp / _MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1).encode())
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+                self._prune()
+        except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        wait()
-        atomic_write_bytes(tmp / f"process_{rank}.pt", _torch_bytes(dict(local)))
-        wait()
-        if is_main:
-            for name, model in models.items():
-                atomic_write_bytes(tmp / f"{name}.safetensors", _model_bytes(model))
-            atomic_write_bytes(tmp / "state.pt", _torch_bytes(dict(state)))
-            manifest = {p.name: _file_record(p) for p in sorted(tmp.iterdir())}
-            atomic_write_bytes(tmp / _MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1).encode())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            self._prune()
+            published = self.complete()
+            raise CheckpointError(
+                f"could not write the checkpoint of step {step} under {str(self.root)!r}: "
+                f"{exc.strerror or exc}. The last complete checkpoint is "
+                f"{str(published[-1]) if published else 'none'}; make room, then resume with train.resume=auto."
+            ) from exc
         wait()
         return final
 

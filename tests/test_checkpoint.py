@@ -108,6 +108,30 @@ def test_checkpoints_keep_the_last_k_and_reload(tmp_path):
     assert torch.equal(local["torch"], torch.get_rng_state())
 
 
+def test_a_full_disk_is_a_clear_error_and_leaves_the_published_checkpoints_as_they_were(tmp_path, monkeypatch):
+    import errno
+
+    import dfkd.checkpoint as checkpoint_module
+
+    manager = CheckpointManager(tmp_path, keep=2)
+    _save(manager, 10, 10.0)
+    write = checkpoint_module.atomic_write_bytes
+
+    def full_disk(path, data):
+        if path.name == "state.pt":  # after the process and model files went in
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", full_disk)
+    with pytest.raises(CheckpointError) as info:
+        _save(manager, 20, 20.0)
+    message = str(info.value)
+    assert "step 20" in message and "No space left on device" in message
+    assert "step_00000010" in message and "train.resume=auto" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010"], "the partial folder is removed"
+    assert verify_checkpoint(manager.latest()) is None
+
+
 def test_each_process_gets_its_own_state_and_a_new_process_gets_rank_0s_with_a_warning(tmp_path):
     manager = CheckpointManager(tmp_path)
     model = nn.Linear(2, 2)
