@@ -85,8 +85,7 @@ def _loyalty(title: str, by_method: Mapping[str, Sequence[Mapping[str, Any]]], p
     """One panel per method, as the paper's Fig. 2 (a)-(d): the density of per-sample loyalty, seeds pooled."""
     hists = {
         method: np.sum(np.array([r["final_loyalty_hist"] for r in runs], dtype=float), axis=0)
-        for method, runs in by_method.items() if any(r.get("final_loyalty_hist") for r in runs)
-        and all(r.get("final_loyalty_hist") for r in runs)
+        for method, runs in by_method.items() if all(r.get("final_loyalty_hist") for r in runs)
     }
     if not hists:
         return None

@@ -119,6 +119,11 @@ def _cell(values: list[float], digits: int, paper: float | None = None, scale: f
     return ours if paper is None else f"{ours} [{fmt(paper, digits)}]"
 
 
+def _distinct(values: list[float], digits: int) -> str:
+    """Each distinct value once, in order, joined by `` / `` (``-`` for none): a cell whose runs should agree."""
+    return " / ".join(fmt(v, digits) for v in dict.fromkeys(values)) or "-"
+
+
 def pair_of(record: Mapping[str, Any]) -> Pair:
     return (str(record.get("dataset")), str(record.get("teacher")), str(record.get("student")))
 
@@ -168,9 +173,9 @@ def accuracy_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers | 
             if method == TEACHER_ROW:
                 ran = [r for m in methods for r in cells.get((m, pair), [])]
                 # Each distinct value once, side by side: runs may use another teacher (per seed) or test subset.
-                teacher = " / ".join(fmt(v, 2) for v in dict.fromkeys(_numbers(ran, "final_teacher_acc1"))) or "-"
-                teacher += f" [{fmt(paper[0], 2)}]" if paper[0] is not None else ""
-                line += [teacher, *((_cell([100.0], 2, paper[1]), _cell([1.0], 4, paper[2])) if teacher[0] != "-" else ("-", "-"))]
+                accs = _numbers(ran, "final_teacher_acc1")
+                teacher = _distinct(accs, 2) + (f" [{fmt(paper[0], 2)}]" if paper[0] is not None else "")
+                line += [teacher, *((_cell([100.0], 2, paper[1]), _cell([1.0], 4, paper[2])) if accs else ("-", "-"))]
                 continue
             ran = cells.get((method, pair), [])
             line += [
@@ -204,7 +209,7 @@ def stability_table(records: Sequence[Mapping[str, Any]], papers: PaperNumbers |
         paper = (papers.stability.get(pair_of(first), {}) if papers else {}).get(method_of(first), (None,) * _STABILITY_LEN)
         lines.append("| " + " | ".join([
             entry, method_of(first), _pair_label(pair_of(first), dataset=False), ", ".join(str(r["seed"]) for r in group),
-            " / ".join(str(int(n)) for n in dict.fromkeys(_numbers(group, "steps"))) or "-",  # runs of a suite entry share it
+            _distinct(_numbers(group, "steps"), 0),  # runs of a suite entry share it
             _cell(_numbers(group, "final_acc1"), 2),
             _cell(_numbers(group, "mean_acc1"), 2, paper[0]),
             _cell(_numbers(group, "var_acc1"), 2, paper[1]),
