@@ -7,6 +7,7 @@ safe loader) that lists what to compare::
     seeds: [0, 1]                                      # default: [0]
     overrides: [data.root=../shared/datasets]          # applied to every entry
     papers: benchmarks/papers.yaml                     # published numbers shown beside ours (the default; null: none)
+    budget_s: 600                                      # optional: every run stops after 600 s of training
     entries:
       - {name: dafl, method: DAFL, recipe: recipes/mnist/dafl/lenet5_lenet5_half.yaml}
       - {name: cudfkd, method: CuDFKD, recipe: recipes/mnist/cudfkd/lenet5_lenet5_half.yaml, overrides: [train.epochs=10]}
@@ -14,7 +15,12 @@ safe loader) that lists what to compare::
 Each (entry, seed) is an ordinary run, in this process, of::
 
     load_config(recipe, ["train.resume=auto", *suite overrides, *entry overrides, *command-line overrides,
-                         f"seed={seed}", f"output_dir={out}/{entry}/seed{seed}"])
+                         f"train.time_budget_s={budget_s}", f"seed={seed}", f"output_dir={out}/{entry}/seed{seed}"])
+
+With ``budget_s`` the suite is a time-to-accuracy benchmark: every method gets
+the same training time (synthesis included, evaluation excluded) on the same
+machine, and results.md adds the seconds each one took to reach 50, 80, 90, 95
+and 98% Agree@1 (:mod:`dfkd.time_to_accuracy`).
 
 Every entry's config is validated before the first run starts. A run whose
 folder already holds ``summary.json`` is skipped, and an unfinished one resumes
@@ -45,12 +51,13 @@ from dfkd.config import load_config
 from dfkd.errors import ConfigError, RunLockedError
 from dfkd.registry import close_matches
 from dfkd.tables import PaperNumbers, accuracy_table, fmt, load_paper_numbers, pair_of, stability_table
+from dfkd.time_to_accuracy import time_to_accuracy_table
 
 __all__ = ["Suite", "SuiteEntry", "PlannedRun", "load_suite", "resolve_suite", "run_suite", "plan_runs", "write_results", "format_results", "update_readme",
            "RECORD_FIELDS"]
 
 SUITES_DIR = Path("benchmarks") / "suites"
-_SUITE_KEYS = ("output_dir", "seeds", "overrides", "papers", "entries")
+_SUITE_KEYS = ("output_dir", "seeds", "overrides", "papers", "budget_s", "entries")
 _ENTRY_KEYS = ("name", "method", "recipe", "overrides")
 DEFAULT_PAPERS = Path("benchmarks") / "papers.yaml"
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # it names a folder
@@ -58,7 +65,8 @@ _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # it names a folder
 # The summary.json metrics a record keeps (missing ones, e.g. agreement without a teacher, are None).
 _METRICS = (
     "final_acc1", "final_agree1", "final_loyalty", "final_teacher_acc1", "best_acc1", "best_agree1", "best_loyalty",
-    "mean_acc1", "var_acc1", "wall_s", "synth_s", "peak_mem_mb", "steps", "processes", "git_commit", "machine",
+    "mean_acc1", "var_acc1", "wall_s", "synth_s", "train_s", "eval_s", "stopped_at_budget", "peak_mem_mb", "steps",
+    "processes", "git_commit", "machine",
 )
 RECORD_FIELDS = ("entry", "method", "seed", "recipe", "dataset", "teacher", "student", "run_dir", "stability_from", *_METRICS)
 
@@ -83,6 +91,7 @@ class Suite:
     overrides: tuple[str, ...]
     entries: tuple[SuiteEntry, ...]
     papers: Path | None = DEFAULT_PAPERS
+    budget_s: float | None = None  # every run's train.time_budget_s
 
 
 @dataclass(frozen=True)
@@ -189,9 +198,12 @@ def load_suite(name_or_path: str | Path) -> Suite:
     papers = raw.get("papers", str(DEFAULT_PAPERS))
     if papers is not None and not isinstance(papers, str):
         raise ConfigError(f"{where}: 'papers' must be the path of a papers file or null, got {papers!r}.")
+    budget = raw.get("budget_s")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise ConfigError(f"{where}: 'budget_s' must be a positive number of seconds, got {budget!r}.")
     return Suite(
         path, output_dir, tuple(seeds), _overrides(raw.get("overrides"), where, "overrides"), tuple(entries),
-        None if papers is None else Path(papers),
+        None if papers is None else Path(papers), None if budget is None else float(budget),
     )
 
 
@@ -200,8 +212,9 @@ def plan_runs(suite: Suite, overrides: Sequence[str], output_dir: Path) -> list[
     runs = []
     for entry in suite.entries:
         for seed in suite.seeds:
+            budget = [f"train.time_budget_s={suite.budget_s}"] if suite.budget_s is not None else []
             layers = [
-                "train.resume=auto", *suite.overrides, *entry.overrides, *overrides,
+                "train.resume=auto", *suite.overrides, *entry.overrides, *overrides, *budget,
                 f"seed={seed}", f"output_dir={output_dir / entry.name / f'seed{seed}'}",
             ]
             try:
@@ -335,6 +348,16 @@ def format_results(
         "",
         stability_table(records, papers),
     ]
+    timed = time_to_accuracy_table(records)
+    if timed.count("\n") > 2:  # a header and at least one method with a timed curve
+        stopped = sum(bool(r.get("stopped_at_budget")) for r in records)
+        lines += [
+            "Time to accuracy: the training seconds (synthesis included; evaluation excluded and given apart) "
+            "until the first evaluation at or above each Agree@1, and the Agree@1 and Acc@1 of the last evaluation. "
+            f"{stopped} of {len(records)} runs stopped at the suite's time budget, the others at their last epoch.",
+            "",
+            timed,
+        ]
     if plots:
         lines += ["Plots:", "", *(f"![{name}]({name})" for name in plots), ""]
     return "\n".join(lines)

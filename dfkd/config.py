@@ -136,6 +136,9 @@ class TrainConfig:
     resume: Optional[str] = None  # "auto", or the path of a checkpoint folder
     mixed_precision: str = "no"  # no | bf16 | fp16
     channels_last: bool = True  # NHWC memory format for the networks: faster convolutions on CPUs and GPUs
+    # torch.compile the student and the generator (in place, Module.compile) before the first step; the
+    # first steps then pay the compilation. The teacher stays eager: the synthesizer's terms hook it.
+    compile: bool = False
     log_every: int = 50  # steps between scalar logs (each one syncs with the device)
     progress_bar: bool = True
     # On a NaN or infinite loss term (checked at every log): "error" stops the run naming the term;
@@ -143,6 +146,10 @@ class TrainConfig:
     # max_reloads times over the run.
     nonfinite: str = "error"
     max_reloads: int = 3
+    # Stop when the training time (synthesis included, evaluation excluded) reaches this many seconds,
+    # with a last evaluation and checkpoint there: the time-to-accuracy benchmark gives every method
+    # the same budget. None: run every epoch.
+    time_budget_s: Optional[float] = None
 
 
 @dataclass
@@ -495,7 +502,10 @@ def component_schema(factory: Callable[..., Any], reserved: Sequence[str] = ()) 
 def check_component(registry: Registry, spec: Any, path: str, reserved: Sequence[str] = ()) -> DictConfig:
     """Validate a ``{name: ..., **options}`` spec against ``registry``; return it with defaults filled in.
 
-    ``reserved`` options are set by the engine and may not appear in the spec.
+    ``reserved`` options are set by the engine and may not appear in the spec. A
+    component that defines ``check_options(options)`` has its values checked too:
+    it raises a ``ValueError`` whose message starts with the option's name
+    (``"kd_steps must be at least 1, got 0"``), reported under ``path``.
     """
     if isinstance(spec, str):
         spec = {"name": spec}
@@ -523,7 +533,14 @@ def check_component(registry: Registry, spec: Any, path: str, reserved: Sequence
     missing = OmegaConf.missing_keys(merged)
     if missing:
         raise ConfigError(f"{path}: {registry.name} {name!r} needs {', '.join(sorted(missing))}.")
-    return OmegaConf.create({"name": name, **OmegaConf.to_container(merged)})
+    checked = OmegaConf.to_container(merged)
+    check_options = getattr(registry.get(name), "check_options", None)
+    if check_options is not None:  # value ranges, checked before anything is built (a teacher trained)
+        try:
+            check_options(checked)
+        except ValueError as exc:
+            raise ConfigError(f"{path}.{exc}.") from None
+    return OmegaConf.create({"name": name, **checked})
 
 
 # Component specs are replaced, not merged, by a recipe: their defaults are filled in only where
@@ -589,6 +606,8 @@ def _check_components(cfg: DictConfig) -> None:
                      ("train.keep_checkpoints", 1), ("train.log_every", 1), ("eval.batch_size", 1)):
         if OmegaConf.select(cfg, key) < low:
             raise ConfigError(f"{key} must be at least {low}, got {OmegaConf.select(cfg, key)}.")
+    if cfg.train.time_budget_s is not None and cfg.train.time_budget_s <= 0:
+        raise ConfigError(f"train.time_budget_s must be positive (seconds), or null; got {cfg.train.time_budget_s}.")
     cfg.optim.schedule = check_component(SCHEDULES, cfg.optim.schedule, "optim.schedule")
     cfg.source = check_component(SOURCES, cfg.source, "source")
     if cfg.source.get("curriculum") is not None:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dfkd.checkpoint import CheckpointManager, check_fit, load_weights, run_lock, save_model
 from dfkd.config import load_config, save_config
+from dfkd.cost import multiply_adds
 from dfkd.data import DatasetSpec, build_dataset
 from dfkd.data.transforms import Normalize, build_augmentation, to_unit
 from dfkd.errors import CheckpointError, ConfigError, DfkdError, NonFiniteLossError, RunLockedError
@@ -63,6 +64,8 @@ class RunState:
     step: int = 0  # optimizer steps taken
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
     wall_s: float = 0.0  # accumulated over restarts
+    eval_s: float = 0.0  # the part of wall_s spent evaluating
+    budget_spent: bool = False  # the run stopped at train.time_budget_s
     synth_s: float = 0.0
     reloads: int = 0  # faults survived by reloading a checkpoint (train.nonfinite=reload)
     loyalty_hist: list[int] | None = None  # the latest evaluation's per-sample loyalty, binned (metrics.histogram)
@@ -333,6 +336,11 @@ class Trainer:
         if self.temperature.module is not None:  # on the device, and under DDP its gradients are all-reduced
             self.temperature.module = self.accelerator.prepare(self.temperature.module)
 
+        self.macs_per_image = self._macs_per_image()
+        if cfg.train.compile:  # in place, so state dicts and checkpoints keep their keys
+            for name, module in self._checkpoint_modules().items():
+                if name in ("student", "generator"):
+                    module.compile()
         self.state = RunState()
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self._last_per_sample: dict[str, Tensor] = {}  # the last step's per-sample loss and weights, for histograms
@@ -361,6 +369,17 @@ class Trainer:
             num_samples=data.train_samples, seed=self.cfg.seed,
         )
         return train_set
+
+    def _macs_per_image(self) -> dict[str, int]:
+        """Multiply-adds of one image through each network of the run: where its time goes."""
+        image = (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
+        networks = {"student": (self.unwrapped_student, image)}
+        if self.teacher is not None:
+            networks["teacher"] = (self.teacher, image)
+        generator = getattr(self.source, "checkpoint_modules", dict)().get("generator")
+        if generator is not None:
+            networks["generator"] = (generator, (generator.nz,))
+        return {name: multiply_adds(net, shape, self.device) for name, (net, shape) in networks.items()}
 
     @property
     def unwrapped_student(self) -> nn.Module:
@@ -409,6 +428,8 @@ class Trainer:
         self._resume()
         if self.accelerator.is_main_process:
             save_config(cfg, self.output_dir / "config.yaml")
+            costs = ", ".join(f"{name} {macs / 1e6:.3g} M" for name, macs in self.macs_per_image.items())
+            print(f"multiply-adds per image: {costs}", flush=True)
         self.logger = RunLogger(
             self.output_dir, enabled=self.accelerator.is_main_process, total_steps=self.total_steps,
             initial_step=self.state.step, progress_bar=cfg.train.progress_bar, history=self.state.history,
@@ -445,21 +466,35 @@ class Trainer:
                 if self.state.step % cfg.train.log_every == 0:
                     self._log_training(meter)
                 self.logger.progress()
+                if self._budget_spent():
+                    break
             self.source.on_epoch_end(ctx)
             self.state.epoch = epoch + 1
             self._log_training(meter)  # before any checkpoint: a checkpoint never holds a non-finite run
             self._log_images()
             self._update_wall()
-            last = self.state.epoch == cfg.train.epochs
+            last = self.state.epoch == cfg.train.epochs or self.state.budget_spent
             if self.state.epoch % cfg.train.eval_every == 0 or last:
                 self._evaluate_and_record()
             if self.state.epoch % cfg.train.checkpoint_every == 0 or last:
                 self._save_checkpoint()
+            if self.state.budget_spent:
+                break
         self._update_wall()
 
     def _update_wall(self) -> None:
         started, before = self._clock
         self.state.wall_s = before + time.perf_counter() - started
+
+    def _budget_spent(self) -> bool:
+        """Whether the training time, synthesis included and evaluation excluded, has reached
+        ``train.time_budget_s``; once it has, the run evaluates, checkpoints and ends there."""
+        budget = self.cfg.train.time_budget_s
+        if budget is None:
+            return False
+        self._update_wall()
+        self.state.budget_spent = self.state.wall_s - self.state.eval_s >= budget
+        return self.state.budget_spent
 
     def _reload_after(self, fault: NonFiniteLossError) -> None:
         """The ``reload`` policy: back to the last good checkpoint with fresh randomness, or re-raise.
@@ -591,6 +626,7 @@ class Trainer:
         self.logger.images("synthetic", make_grid(images, nrow=8, padding=1), self.state.step)
 
     def _evaluate_and_record(self) -> None:
+        started = time.perf_counter()
         metrics = evaluate(
             self.student,
             self.eval_loader,
@@ -603,7 +639,12 @@ class Trainer:
         per_sample = metrics.pop("per_sample", None)
         if per_sample is not None:
             self.state.loyalty_hist = histogram(per_sample["loyalty"])
-        entry = {"epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": self.scheduler.get_last_lr()[0]}
+        elapsed = self.state.wall_s - self.state.eval_s  # training time up to this evaluation, synthesis included
+        self.state.eval_s += time.perf_counter() - started
+        entry = {
+            "epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": self.scheduler.get_last_lr()[0],
+            "elapsed_s": round(elapsed, 3), "eval_s": round(self.state.eval_s, 3),
+        }
         self.state.history.append(entry)
         self.logger.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.state.step)
         self.logger.record(entry)
@@ -619,9 +660,15 @@ class Trainer:
             modules["temperature"] = self.accelerator.unwrap_model(self.temperature.module)
         return modules
 
+    def _identity(self) -> dict[str, str | None]:
+        """What a checkpoint can only be resumed by: the run's sample source and synthesizer."""
+        synthesizer = self.cfg.synthesizer
+        return {"source.name": self.cfg.source.name, "synthesizer.name": synthesizer.name if synthesizer else None}
+
     def _save_checkpoint(self) -> Path:
         self.state.synth_s = float(getattr(self.source, "synth_seconds", 0.0))
         state = {name: obj.state_dict() for name, obj in self._stateful().items()}
+        state["identity"] = self._identity()
         return self.checkpoints.save(
             self.state.step, self._checkpoint_modules(), state, {"rng": _rng_state(), "source": self.source.state_dict()},
             rank=self.accelerator.process_index, is_main=self.accelerator.is_main_process,
@@ -641,6 +688,13 @@ class Trainer:
 
     def _load_checkpoint(self, folder: Path) -> None:
         models, state, local = CheckpointManager.load(folder, rank=self.accelerator.process_index)
+        for key, value in state.get("identity", {}).items():
+            if value != self._identity()[key]:
+                raise CheckpointError(
+                    f"checkpoint {str(folder)!r} was written by a run with {key}={value}, and this run has "
+                    f"{key}={self._identity()[key]}: resume only a run's own checkpoints, or start afresh "
+                    "without train.resume (or with another output_dir)."
+                )
         for name, module in self._checkpoint_modules().items():
             if name not in models:
                 raise CheckpointError(
@@ -657,7 +711,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         cfg, history = self.cfg, self.state.history
         final = history[-1] if history else {}
-        summary: dict[str, Any] = {f"final_{k}": v for k, v in final.items() if k not in ("epoch", "step", "lr")}
+        summary: dict[str, Any] = {f"final_{k}": v for k, v in final.items() if k not in ("epoch", "step", "lr", "elapsed_s", "eval_s")}
         for metric in ("agree1", "loyalty"):
             values = [h[metric] for h in history if metric in h]
             if values:
@@ -666,9 +720,11 @@ class Trainer:
         self.state.synth_s = float(getattr(self.source, "synth_seconds", 0.0))
         peaks = self.accelerator.gather(torch.tensor([_peak_memory_mb(self.device)], device=self.device)).tolist()
         summary.update(
-            wall_s=self.state.wall_s, synth_s=self.state.synth_s, peak_mem_mb=max(peaks), peak_mem_mb_per_process=peaks,
+            wall_s=self.state.wall_s, synth_s=self.state.synth_s, eval_s=self.state.eval_s,
+            train_s=self.state.wall_s - self.state.eval_s, stopped_at_budget=self.state.budget_spent, peak_mem_mb=max(peaks), peak_mem_mb_per_process=peaks,
             steps=self.state.step, epochs=self.state.epoch, reloads=self.state.reloads, seed=cfg.seed,
             processes=self.accelerator.num_processes, git_commit=_git_commit(), machine=_machine(self.device),
+            macs_per_image=self.macs_per_image,
         )
         if self.state.loyalty_hist is not None:
             summary["final_loyalty_hist"] = self.state.loyalty_hist

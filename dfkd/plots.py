@@ -6,6 +6,9 @@
 - ``loyalty_<pair>.png``: each method's distribution of per-sample loyalty on
   the test set at the end of training, one panel per method, from
   ``final_loyalty_hist`` in the runs' summaries (seeds pooled).
+- ``time_<pair>.png``: Agree@1 against training seconds (synthesis included, evaluation
+  excluded), one line per method, for runs whose evaluations record their time
+  (:mod:`dfkd.time_to_accuracy`).
 - ``schedules_<entry>.png``: alpha_adv, lambda and the mean self-paced weight
   v over training, one line per seed, from the TensorBoard scalars
   ``synth/weight/adv``, ``weighting/lambda`` and ``weighting/v_mean``, for
@@ -29,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dfkd.tables import method_of, pair_of  # noqa: E402
+from dfkd.time_to_accuracy import time_plot  # noqa: E402
 
 __all__ = ["write_plots"]
 
@@ -161,6 +165,8 @@ def write_plots(records: Sequence[Mapping[str, Any]], folder: Path) -> list[Path
         written += filter(None, [
             _curves(title, by_method, folder / f"curves_{slug}.png"),
             _loyalty(title, by_method, folder / f"loyalty_{slug}.png"),
+            time_plot([r for runs in by_method.values() for r in runs], folder / f"time_{slug}.png",
+                      f"{title}: Agree@1 against training time"),
         ])
     for entry, runs in by_entry.items():
         path = _schedules(entry, runs, folder / f"schedules_{_slug(entry)}.png")

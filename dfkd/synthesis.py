@@ -199,5 +199,8 @@ def build_synthesizer(
     except ValueError as exc:
         raise ConfigError(f"synthesizer: {exc}") from None
     synthesizer.to(device)
-    synthesizer.attach(teacher, feature_module=feature_module)
+    try:
+        synthesizer.attach(teacher, feature_module=feature_module)
+    except ValueError as exc:  # a term that cannot read this teacher (bn without batch norm)
+        raise ConfigError(f"synthesizer.terms: {exc}.") from None
     return BuiltSynthesizer(synthesizer, schedules, generator)

@@ -60,7 +60,8 @@ class InversionRound:
     variables: list[Tensor]  # re-initialised tensors this round's optimiser updates
     render: Callable[[], Tensor]  # the batch in [0, 1], [B, C, H, W], differentiable in `variables`
     project: Callable[[], None]  # after each update: bring the variables back to their valid set
-    optimizer: torch.optim.Optimizer | None = None  # Adam over `variables`, made anew for the round
+    network: nn.Module | None = None  # the round's generator, one across processes (None for pixels)
+    optimizer: torch.optim.Optimizer | None = None  # Adam over `variables` (by default), made anew for the round
     targets: Tensor | None = None  # [B] sampled classes, sorted, or None for the teacher's argmax
     updates: int = 0  # inner iterations taken
     best_loss: Tensor | None = None  # 0-dim, the kept batch's total loss
@@ -85,7 +86,11 @@ class InversionSynthesizer(Synthesizer):
         term_betas: Adam betas for the terms' trainable parameters, whose optimiser
             persists across rounds (CMI's head optimiser: Adam's defaults, lr as ``lr``).
         targets: ``random`` (DeepInversion and CMI: uniformly drawn, sorted) or ``argmax``.
+        view: the augmentation of every inner iteration, ``crop_flip`` (the references' CIFAR
+            view), ``crop`` (for digits and other images that a mirror changes) or ``none``.
     """
+
+    VIEWS = ("crop_flip", "crop", "none")
 
     def __init__(
         self,
@@ -102,18 +107,22 @@ class InversionSynthesizer(Synthesizer):
         betas: tuple[float, float] = (0.5, 0.999),
         term_betas: tuple[float, float] = (0.9, 0.999),
         targets: str = "random",
+        view: str = "crop_flip",
     ) -> None:
         super().__init__(terms, normalize, denormalize, num_classes, targets)
         if batch_size is None or batch_size < 1 or g_steps < 1:
             raise ValueError(f"batch_size and g_steps must be at least 1, got {batch_size} and {g_steps}")
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+        if view not in self.VIEWS:
+            raise ValueError(f"view must be one of {', '.join(self.VIEWS)}, got {view!r}")
         self.image_shape = tuple(int(v) for v in image_shape)
         self.generator = generator
         self.batch_size, self.g_steps = batch_size, g_steps
         self.lr, self.betas, self.term_betas = lr, tuple(betas), tuple(term_betas)
         height, width = self.image_shape[1:]
-        self.global_view = nn.Sequential(K.RandomCrop((height, width), padding=4), K.RandomHorizontalFlip())
+        crop = [K.RandomCrop((height, width), padding=4)] if view != "none" else []
+        self.global_view = nn.Sequential(*crop, *([K.RandomHorizontalFlip()] if view == "crop_flip" else []))
         self._new_round = self._pixel_round if generator is None else self._generator_round
         self.optimizer = self._term_optimizer()
         self._best: Tensor | None = None
@@ -158,7 +167,7 @@ class InversionSynthesizer(Synthesizer):
             out = self.generator(z)
             return out if self.generator.output_range == "unit" else self._to_unit(out)
 
-        return InversionRound([z, *self.generator.parameters()], render, lambda: None)
+        return InversionRound([z, *self.generator.parameters()], render, lambda: None, network=self.generator)
 
     # -- one round
 
@@ -177,9 +186,10 @@ class InversionSynthesizer(Synthesizer):
             targets = targets.sort().values  # as the references do, so previews read class by class
         current = self._new_round(device)
         current.targets = targets
-        current.optimizer = torch.optim.Adam(current.variables, lr=self.lr, betas=self.betas)
-        if self.generator is not None:
-            self.generator.train()
+        if current.optimizer is None:
+            current.optimizer = torch.optim.Adam(current.variables, lr=self.lr, betas=self.betas)
+        if current.network is not None:
+            current.network.train()
         return current
 
     def update(
@@ -205,8 +215,8 @@ class InversionSynthesizer(Synthesizer):
         current.optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward(inputs=[*current.variables, *self.term_parameters])
-        shared = [*(self.generator.parameters() if self.generator is not None else ()), *self.term_parameters]
-        average_gradients(shared, [self.generator] if self.generator is not None else [])
+        network = [current.network] if current.network is not None else []
+        average_gradients([p for m in network for p in m.parameters()] + self.term_parameters, network)
         current.optimizer.step()
         self.optimizer.step()
         current.project()

@@ -29,9 +29,9 @@ the networks as they are.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from einops import rearrange
 from torch import Tensor, nn
@@ -104,6 +104,13 @@ class UpsamplingGenerator(nn.Module):
     """
 
     output_range: ClassVar[OutputRange]
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Raise a ``ValueError`` naming the first size option below 1 (``nz``, ``ngf``, ``width``, ``depth``)."""
+        for key in ("nz", "ngf", "width", "depth"):
+            if key in options and options[key] < 1:
+                raise ValueError(f"{key} must be at least 1, got {options[key]}")
 
     def __init__(
         self,
@@ -268,9 +275,14 @@ class DAFLGenerator(UpsamplingGenerator):
 
     output_range = "normalized"
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        if "width" in options and (options["width"] < 2 or options["width"] % 2):
+            raise ValueError(f"width must be even and at least 2 (the second stage has width / 2), got {options['width']}")
+        super().check_options(options)
+
     def __init__(self, *, image_size: int, channels: int, nz: int = 100, width: int = 128) -> None:
-        if width < 2 or width % 2:
-            raise ValueError(f"DAFLGenerator: width must be even and at least 2, got {width}")
+        self.check_options({"width": width})
         super().__init__(
             image_size=image_size,
             channels=channels,

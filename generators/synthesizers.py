@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +63,15 @@ class Synthesizer(nn.Module):
         self.denormalize = denormalize
         self.num_classes = num_classes
         self.targets = targets
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Raise a ``ValueError`` naming the first option out of its range, e.g. ``"g_steps must be at
+        least 1, got 0"``. The engine calls it on a recipe's options before anything is built."""
+        if options.get("g_steps", 1) < 1:
+            raise ValueError(f"g_steps must be at least 1, got {options['g_steps']}")
+        if options.get("lr", 0.0) < 0:
+            raise ValueError(f"lr must be at least 0 (0 freezes what the synthesizer trains), got {options['lr']}")
 
     @property
     def needs_student(self) -> bool:
@@ -136,11 +146,12 @@ class Synthesizer(nn.Module):
     def step(self, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def carried_state(self) -> dict[str, Tensor]:
-        """Tensors kept from one step to the next outside any module, for checkpoints (none by default)."""
+    def carried_state(self) -> dict[str, Any]:
+        """What is kept from one step to the next outside any module (tensors, numbers, optimiser
+        states), for checkpoints; none by default."""
         return {}
 
-    def load_carried_state(self, state: Mapping[str, Tensor]) -> None:
+    def load_carried_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`carried_state` returned."""
 
     def sample(self, n: int) -> tuple[Tensor, Tensor | None]:

@@ -190,29 +190,74 @@ def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 class BNStatistics(_HookedTerm):
     """Distance between the batch statistics at each teacher BN layer's input and its running statistics.
 
+    With ``momentum`` m > 0 (Fast-DFKD's ``bn_mmt``, 0.9 in its scripts) a batch is
+    not asked to match the running statistics alone: its statistics are first
+    blended with an exponential moving average of earlier rounds',
+    ``(1 - m)·stat + m·ema``, so each round's batch needs only to cover what earlier
+    rounds missed. The average is updated at :meth:`end_round` from the round's
+    last forward (as the Fast-DFKD code's ``update_mmt`` does) and starts at the
+    first round's statistics; the first round uses its own statistics alone.
+
     Args:
         first_multiplier: weight of the first BN layer's distance (DeepInversion's
             ``first_bn_multiplier``, 10 in its code); the others weigh 1.
+        momentum: m in ``[0, 1)``; 0 compares every batch with the running statistics alone.
     """
 
-    def __init__(self, *, first_multiplier: float = 1.0) -> None:
+    def __init__(self, *, first_multiplier: float = 1.0, momentum: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"bn momentum must lie in [0, 1), got {momentum}")
         self.first_multiplier = first_multiplier
+        self.momentum = momentum
+        self._ema: list[tuple[Tensor, Tensor]] = []  # per BN layer: (mean, var) averaged over rounds
+        self._last: list[tuple[Tensor, Tensor]] = []  # per BN layer: the last forward's (mean, var), detached
 
     def attach(self, teacher: nn.Module, *, feature_module: nn.Module | None = None) -> None:
         layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not layers:
-            raise ValueError("the bn term needs a teacher with BatchNorm2d layers, and this teacher has none")
+            raise ValueError(
+                "the bn term needs a teacher with BatchNorm2d layers, and this teacher has none: drop the term "
+                "(synthesizer.terms.bn=null) or use a teacher with batch norm"
+            )
         self._handles = [layer.register_forward_hook(self._record) for layer in layers]
 
     def _record(self, module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if not self._active:
             return
         mean, var = channel_moments(upcast(inputs[0]))
+        if self.momentum:
+            layer = len(self._records)
+            if len(self._last) <= layer:
+                self._last.append((mean, var))
+            self._last[layer] = (mean.detach(), var.detach())
+            if self._ema:
+                ema_mean, ema_var = self._ema[layer]
+                mean = (1 - self.momentum) * mean + self.momentum * ema_mean
+                var = (1 - self.momentum) * var + self.momentum * ema_var
         distance = torch.linalg.vector_norm(mean - module.running_mean.to(mean.dtype)) + torch.linalg.vector_norm(
             var - module.running_var.to(var.dtype)
         )
         self._records.append(distance)
+
+    def end_round(self) -> None:
+        """Fold the round's last statistics into the moving average (with momentum > 0)."""
+        if not self.momentum or not self._last:
+            return
+        if not self._ema:
+            self._ema = list(self._last)
+        else:
+            m = self.momentum
+            self._ema = [
+                (m * ema_mean + (1 - m) * mean, m * ema_var + (1 - m) * var)
+                for (ema_mean, ema_var), (mean, var) in zip(self._ema, self._last)
+            ]
+
+    def get_extra_state(self) -> dict[str, list[Tensor]]:
+        return {"ema_mean": [mean for mean, _ in self._ema], "ema_var": [var for _, var in self._ema]}
+
+    def set_extra_state(self, state: dict[str, list[Tensor]]) -> None:
+        self._ema = list(zip(state["ema_mean"], state["ema_var"]))
 
     def forward(self, batch: SynthBatch) -> Tensor:
         distances = self._take()
@@ -289,10 +334,22 @@ class Activation(_HookedTerm):
 
 @TERMS.register("balance")
 class Balance(Term):
-    """Negative entropy of the batch-mean teacher prediction; minimising it spreads the classes."""
+    """Negative entropy of the batch-mean teacher prediction; minimising it spreads the classes.
+
+    Args:
+        temperature: T of ``softmax(t(x) / T)``. DAFL, DFQ and CMI take the entropy at T = 1; the
+            CuDFKD code takes it at its KD temperature (T = 20 in its CIFAR scripts), where every
+            prediction is nearly uniform and the term is far weaker (DESIGN.md section 9).
+    """
+
+    def __init__(self, *, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"balance temperature must be positive, got {temperature}")
+        self.temperature = temperature
 
     def forward(self, batch: SynthBatch) -> Tensor:
-        mean_p = F.softmax(upcast(batch.teacher), dim=1).mean(dim=0)
+        mean_p = F.softmax(upcast(batch.teacher) / self.temperature, dim=1).mean(dim=0)
         return (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
 
 

@@ -19,6 +19,7 @@ import pytest
 from dfkd.bench import load_suite, plan_runs
 from dfkd.errors import ConfigError
 from dfkd.tables import accuracy_table, load_paper_numbers, stability_table
+from dfkd.time_to_accuracy import time_to, time_to_accuracy_table
 from dfkd.config import load_config
 from dfkd.cli import main
 from dfkd.engine import Trainer
@@ -229,7 +230,11 @@ def test_the_tiny_suite_writes_both_tables_and_its_plots(finished):
     plots = sorted(p.name for p in out.glob("*.png"))
     assert plots == [
         "curves_procedural_resnet8_lenet5_half.png", "loyalty_procedural_resnet8_lenet5_half.png", "schedules_cudfkd.png",
+        "time_procedural_resnet8_lenet5_half.png",
     ], "kd logs no self-paced lambda, so only cudfkd gets a schedules plot"
+    assert time_to_accuracy_table(records) in text and "| kd | " in time_to_accuracy_table(records)
+    assert all(r["train_s"] > 0 and r["eval_s"] > 0 and r["stopped_at_budget"] is False for r in records)
+    assert all(run.cfg.train.time_budget_s == 600 for run in plan_runs(load_suite("tiny"), [], out))
     for name in plots:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 200_000, name
@@ -317,3 +322,31 @@ def test_a_run_locked_by_another_bench_is_left_to_it(tmp_path, teacher_override,
 
     assert _bench(tmp_path, teacher_override) == 0
     assert [r["entry"] for r in _records(tmp_path)] == ["kd", "cudfkd"], "the suite's order, once both are done"
+
+
+def _timed_run(folder: Path, points: list[tuple[float, float]], **summary) -> dict:
+    folder.mkdir(parents=True)
+    lines = [{"epoch": i + 1, "elapsed_s": t, "agree1": a, "acc1": a - 1, "eval_s": 0.5 * (i + 1)} for i, (t, a) in enumerate(points)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return {"run_dir": str(folder), "entry": folder.parent.name, "seed": 0, "steps": 100, "train_s": points[-1][0],
+            "eval_s": 0.5 * len(points), "dataset": "mnist", "teacher": "lenet5", "student": "lenet5_half", **summary}
+
+
+def test_the_time_to_accuracy_table_takes_the_first_evaluation_at_each_threshold(tmp_path):
+    fast = [_timed_run(tmp_path / "fast" / f"s{i}", pts, method="Fast") for i, pts in enumerate((
+        [(10.0, 60.0), (20.0, 85.0), (30.0, 96.0)], [(12.0, 40.0), (22.0, 91.0), (32.0, 94.0)],
+    ))]
+    slow = [_timed_run(tmp_path / "slow" / "s0", [(50.0, 30.0), (100.0, 55.0)], method="Slow")]
+    assert time_to([(10.0, 60.0, 0), (20.0, 85.0, 0)], 80) == 20.0 and time_to([(10.0, 60.0, 0)], 80) is None
+    table = time_to_accuracy_table([*fast, *slow])
+    assert table.splitlines()[2] == (
+        "| Fast | 16 s | 21 s | 26 s | 30 s (1/2) | — | 95.00 | 94.00 | 100 | 31 | 2 |"
+    ), "means over the seeds that reached a threshold; (k/n) when only some did"
+    assert table.splitlines()[3] == "| Slow | 100 s | — | — | — | — | 55.00 | 54.00 | 100 | 100 | 1 |"
+
+
+def test_a_suite_budget_must_be_a_positive_number(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("budget_s: -5\nentries: [{name: a, recipe: recipes/methods/kd.yaml}]\n")
+    with pytest.raises(ConfigError, match="budget_s"):
+        load_suite(suite)

@@ -189,3 +189,23 @@ def _try_lock(folder: str) -> None:
             raise SystemExit(0)
     except RunLockedError:
         raise SystemExit(3) from None
+
+
+def test_every_evaluation_records_its_training_time_apart_from_evaluation_time(tmp_path):
+    summary = Trainer(_cfg(tmp_path)).fit()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    elapsed, evals = [e["elapsed_s"] for e in lines], [e["eval_s"] for e in lines]
+    assert all(b > a for a, b in zip(elapsed, elapsed[1:])) and all(b > a for a, b in zip(evals, evals[1:]))
+    assert 0 < elapsed[0] and 0 < evals[0]
+    assert summary["train_s"] + summary["eval_s"] == pytest.approx(summary["wall_s"])
+    assert elapsed[-1] <= summary["train_s"] and summary["stopped_at_budget"] is False
+    assert "final_elapsed_s" not in summary
+
+
+def test_a_time_budget_stops_the_run_with_a_last_evaluation_and_checkpoint(tmp_path):
+    summary = Trainer(_cfg(tmp_path, "train.time_budget_s=1e-6")).fit()
+    assert summary["stopped_at_budget"] is True and summary["steps"] == 1, "the budget ends the run after its first step"
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["step"]) for e in lines] == [(1, 1)]
+    assert (tmp_path / "run" / "student.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = Path(__file__).resolve().parents[1] / "recipes" / "methods"
 EPOCHS = 4
 RESULTS = ("final_", "best_", "mean_", "var_")  # the summary's metrics; its clocks and memory peaks measure the machine
-CLOCKS = ("wall_s", "synth_s")  # run-state clocks
+CLOCKS = ("wall_s", "synth_s", "eval_s", "elapsed_s")  # run-state clocks, and those of each evaluation
 MACHINE = ("_per_s", "_mb")  # endings of the logged throughputs and memory readings
 
 SHRINK = [
@@ -57,6 +57,20 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "cudfkd_last": ("cudfkd.yaml", [
         "source.batch_size=8", "source.kd_steps=2", "train.steps_per_epoch=3", "synthesizer.sample_from=last",
         "synthesizer.generator={name: cudfkd, nz: 16, ngf: 4, depth: 2}",
+    ]),
+    # generative replay with self-paced weights and the masked adv term: the pool (20 images) wraps around,
+    # and a checkpoint after 3 steps falls between two synthesis steps
+    "cudfkd_replay": ("cudfkd.yaml", [
+        "source.batch_size=8", "source.kd_steps=2", "train.steps_per_epoch=3",
+        "source.replay={size: 20, fresh: 0.25, logits: true}",
+        "synthesizer.generator={name: cudfkd, nz: 16, ngf: 4, depth: 2}",
+    ]),
+    # Fast-DFKD: a warm-up round, then a round every 2 steps; the meta optimiser, the round count, the
+    # BN moving average and the pool carry over a checkpoint
+    "fast": ("fast5.yaml", [
+        "source.batch_size=8", "source.rounds_every=2", "source.pool_size=40", "source.warmup_rounds=1",
+        "train.steps_per_epoch=3", "synthesizer.g_steps=2", "synthesizer.reset_first_layer_at=3",
+        "synthesizer.generator={name: dcgan, nz: 16, ngf: 4}",
     ]),
     # pool source, one inversion round per epoch; the pool (24 images) and the bank (16 rows) wrap around
     "cmi": ("cmi.yaml", [
@@ -136,6 +150,12 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+def _evaluations(run: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without the clocks each evaluation records."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in CLOCKS} for line in lines]
+
+
 def _scalars(run: Path) -> dict[str, dict[int, list[float]]]:
     """Every scalar the run logged to TensorBoard, over all its event files: ``{tag: {step: [values]}}``."""
     found: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -151,6 +171,7 @@ def _state(trainer: Trainer) -> dict[str, Any]:
     """What must match at the end; the source's clock (synth_seconds) measures the machine."""
     source = {k: v for k, v in trainer.source.state_dict().items() if k != "synth_seconds"}
     run = {k: v for k, v in trainer.state.state_dict().items() if k not in CLOCKS}
+    run["history"] = [{k: v for k, v in h.items() if k not in CLOCKS} for h in run["history"]]
     return {
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
         "source": source, "run": run,
@@ -173,7 +194,7 @@ def assert_resumed_exactly(
     a, b = ({k: v for k, v in s.items() if k.startswith(RESULTS) or k in ("steps", "epochs")} for s in summaries)
     assert a == b
     assert {"final_acc1", "final_agree1", "final_loyalty", "best_agree1", "mean_acc1", "steps"} <= set(a)
-    assert (resumed.out / "metrics.jsonl").read_text() == (straight.out / "metrics.jsonl").read_text()
+    assert _evaluations(resumed.out) == _evaluations(straight.out)
     scalars = _scalars(resumed.out)
     assert scalars == _scalars(straight.out), "every scalar at every step, as in the uninterrupted run"
     assert all(len(values) == 1 for by_step in scalars.values() for values in by_step.values()), (
@@ -208,6 +229,31 @@ def test_a_batch_served_across_a_checkpoint_resumes_exactly(tmp_path, resnet8_te
     straight = uninterrupted("cudfkd_last")
     resumed = _crash_and_resume("cudfkd_last", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 1)
     assert_resumed_exactly(resumed, straight, ("student", "generator"))
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_generative_replay_resumes_exactly_with_its_pool(epoch, tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):
+    straight = uninterrupted("cudfkd_replay")
+    resumed = _crash_and_resume("cudfkd_replay", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, epoch)
+    scalars = assert_resumed_exactly(resumed, straight, ("student", "generator"))
+
+    pools = [run.trainer.source.pool for run in (straight, resumed)]
+    assert len(pools[1]) == 20 and pools[1].images.cursor == pools[0].images.cursor == (6 * 8) % 20
+    assert torch.equal(pools[1].images.data, pools[0].images.data)
+    assert torch.equal(pools[1].logits.data, pools[0].logits.data)
+    # the self-paced weights and the masked adversarial term work on pooled samples
+    assert sorted(scalars["weighting/lambda"]) == list(range(1, EPOCHS * 3 + 1))
+    assert any(v > 0 for values in scalars["synth/weight/adv"].values() for v in values)
+    assert all(0 <= v <= 1 for values in scalars["weighting/v_mean"].values() for v in values)
+
+
+def test_fast_resumes_exactly_with_its_meta_optimiser_and_bn_average(tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):
+    straight = uninterrupted("fast")
+    resumed = _crash_and_resume("fast", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 2)
+    assert_resumed_exactly(resumed, straight, ("student", "generator"))
+    synths = [run.trainer.source.synthesizer for run in (straight, resumed)]
+    assert synths[1].rounds == synths[0].rounds == 1 + 6  # the warm-up round, then one every 2 of 12 steps
+    _assert_same(synths[1].terms["bn"].get_extra_state(), synths[0].terms["bn"].get_extra_state(), "bn average")
 
 
 def test_cmi_resumes_exactly_with_its_pool_and_memory_bank(tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):

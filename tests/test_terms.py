@@ -486,6 +486,23 @@ def test_balance_is_zero_when_every_sample_is_confidently_the_same_class():
     assert balance_value(logits).item() == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 20.0])
+def test_balance_at_a_temperature_is_the_entropy_of_the_softened_mean_prediction(temperature):
+    logits = torch.tensor([[4.0, 0.0, -2.0], [3.0, 1.0, 0.0], [-1.0, 5.0, 0.5]], dtype=torch.float64)
+    mean_p = torch.softmax(logits / temperature, dim=1).mean(dim=0)
+    expected = (mean_p * mean_p.log()).sum()
+    value = Balance(temperature=temperature)(SynthBatch(x=torch.zeros(3, 1, 1, 1), teacher=logits))
+    torch.testing.assert_close(value, expected)
+
+
+def test_balance_at_the_kd_temperature_is_much_weaker_than_at_one():
+    logits = torch.tensor([[8.0, 0.0, 0.0], [7.0, 0.0, 1.0]], dtype=torch.float64)  # both samples say class 0
+    at = {t: Balance(temperature=t)(SynthBatch(x=torch.zeros(2, 1, 1, 1), teacher=logits)).item() for t in (1.0, 20.0)}
+    uniform = -math.log(3)
+    assert at[1.0] > -0.1, "at T = 1 a one-class batch is far from balanced"
+    assert at[20.0] - uniform < 0.02, "at T = 20 every prediction is nearly uniform already"
+
+
 def test_balance_gradient_in_float64():
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(4, CLASSES, generator=g, dtype=torch.float64, requires_grad=True)

@@ -30,6 +30,7 @@ Differences from the reference, by choice:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,11 +40,10 @@ from dfkd.data.transforms import to_unit
 from dfkd.errors import ConfigError
 from dfkd.sources.base import SOURCES, Batch, Context, SourceEnv
 from dfkd.sources.generator import SynthesisMixin
+from dfkd.sources.replay import SeededDraws
 from generators.buffers import RingBuffer
 
 __all__ = ["PoolSource"]
-
-_SEED_STRIDE = 2**32  # read seeds: (seed · 65537 + process) · 2^32 + step, distinct for any step < 2^32
 
 
 @SOURCES.register("pool")
@@ -60,15 +60,24 @@ class PoolSource(SynthesisMixin):
         pool_size: images kept over all processes (each keeps ``pool_size / processes``).
             The default holds 200 rounds of 256 images, all that CMI's 200-epoch
             CIFAR-10 scripts ever synthesise, so those runs never evict.
+        warmup_rounds: rounds synthesised into the pool before the student's first step, without
+            the terms that compare with the student (Fast-DFKD's ``warmup``: 20 rounds, during
+            which its code trains no student and leaves ``adv`` out).
     """
 
     def __init__(
-        self, env: SourceEnv, *, batch_size: int = 256, rounds_every: int | None = None, pool_size: int = 51_200
+        self,
+        env: SourceEnv,
+        *,
+        batch_size: int = 256,
+        rounds_every: int | None = None,
+        pool_size: int = 51_200,
+        warmup_rounds: int = 0,
     ) -> None:
-        if rounds_every is not None and rounds_every < 1:
-            raise ConfigError(
-                f"source.rounds_every must be at least 1 (or unset for once per epoch), got {rounds_every}."
-            )
+        try:
+            self.check_options({"rounds_every": rounds_every, "pool_size": pool_size, "warmup_rounds": warmup_rounds})
+        except ValueError as exc:
+            raise ConfigError(f"source.{exc}.") from None
         world = env.accelerator.num_processes
         if pool_size < world:
             raise ConfigError(f"source.pool_size={pool_size} must hold at least one image per process ({world}).")
@@ -79,34 +88,51 @@ class PoolSource(SynthesisMixin):
                 "does not keep: use a synthesizer with best_images(), such as 'inversion'."
             )
         self.rounds_every = rounds_every
+        self.warmup_rounds = warmup_rounds
         self.normalize = env.normalize
         self.augment = env.augment
         device = env.accelerator.device
         image_shape = (env.spec.in_channels, env.spec.image_size, env.spec.image_size)
         self.pool = RingBuffer(pool_size // world, image_shape, torch.uint8, device)
-        self._read_seed = (env.seed * 65_537 + env.accelerator.process_index) * _SEED_STRIDE
-        self._reads = torch.Generator(device=device)
+        self._reads = SeededDraws(env.seed, env.accelerator.process_index, device)
         self._served = 0  # student batches served so far
+
+    @staticmethod
+    def check_options(options: Mapping[str, Any]) -> None:
+        """Raise a ``ValueError`` naming the option that is out of its range."""
+        if options["rounds_every"] is not None and options["rounds_every"] < 1:
+            raise ValueError(f"rounds_every must be at least 1 (or null for once per epoch), got {options['rounds_every']}")
+        if options["pool_size"] < 1:
+            raise ValueError(f"pool_size must be at least 1, got {options['pool_size']}")
+        if options["warmup_rounds"] < 0:
+            raise ValueError(f"warmup_rounds must be at least 0, got {options['warmup_rounds']}")
 
     def steps_per_epoch(self) -> None:
         return None  # synthetic data has no natural epoch: the recipe sets train.steps_per_epoch
 
     def next_batch(self, ctx: Context) -> Batch:
         metrics: dict[str, Tensor] = {}
+        if self._served == 0:
+            for _ in range(self.warmup_rounds):
+                self._round(ctx, warmup=True)
         if self._served % (self.rounds_every or ctx.steps_per_epoch) == 0:
-            metrics = self._synthesize(ctx)
-            with self.stopwatch:
-                self.pool.append(quantize(self.synthesizer.best_images()))
+            metrics = self._round(ctx)
             metrics["pool/images"] = torch.tensor(float(len(self.pool)))  # a host value
         x = self.normalize(self.augment(to_unit(self.read(self.local_batch, self._served))))
         self._served += 1
         return Batch(x=x, metrics=metrics)
 
+    def _round(self, ctx: Context, *, warmup: bool = False) -> dict[str, Tensor]:
+        """One synthesis round, its kept batch added to the pool; returns the scalars to log."""
+        metrics = self._synthesize(ctx, warmup=warmup)
+        with self.stopwatch:
+            self.pool.append(quantize(self.synthesizer.best_images()))
+        return metrics
+
     def read(self, n: int, step: int) -> Tensor:
         """``[n, C, H, W]`` uint8 images drawn uniformly from the pool with the read seed of ``step``."""
-        self._reads.manual_seed((self._read_seed + step) % 2**63)
         stored = self.pool.stored()
-        index = torch.randint(len(stored), (n,), generator=self._reads, device=stored.device)
+        index = torch.randint(len(stored), (n,), generator=self._reads.at(step), device=stored.device)
         return stored[index]
 
     def preview(self, n: int) -> Tensor:
