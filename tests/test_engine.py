@@ -149,7 +149,7 @@ def test_a_missing_teacher_is_trained_on_this_runs_data_root(tmp_path, monkeypat
     import dfkd.engine as engine
 
     trained = []
-    monkeypatch.setattr(engine, "Trainer", lambda cfg: trained.append(cfg) or type("T", (), {"fit": lambda self: {}})())
+    monkeypatch.setattr(engine, "Trainer", lambda cfg, phase=None: trained.append(cfg) or type("T", (), {"fit": lambda self: {}})())
     recipe = tmp_path / "teacher.yaml"
     recipe.write_text("student: {arch: lenet5}\ndata: {name: mnist, root: data}\n")
     for run_dataset, expected_root in (("mnist", "../shared/datasets"), ("fashion_mnist", "data")):

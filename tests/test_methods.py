@@ -34,7 +34,11 @@ RECIPES = ROOT / "recipes"
 FAMILIES = ("mnist", "cifar10", "cifar100")
 METHODS = ("dafl", "zskt", "dfad", "dfq", "deepinversion", "cmi", "cudfkd")
 # The data-free methods' recipes; the real-data curricula and CTKD have theirs checked in test_curricula.py.
-PAIR_RECIPES = sorted(p for family in FAMILIES for method in METHODS for p in (RECIPES / family / method).glob("*.yaml"))
+_METHOD_RECIPES = sorted(p for family in FAMILIES for method in METHODS for p in (RECIPES / family / method).glob("*.yaml"))
+# A pair recipe is named after its networks; its CPU variant (``<pair>_cpu.yaml``) is right-sized for a
+# 2-core CPU by measured time to accuracy, builds on the pair recipe with ``base:``, and runs on its own.
+PAIR_RECIPES = [p for p in _METHOD_RECIPES if not p.stem.endswith("_cpu")]
+CPU_VARIANTS = [p for p in _METHOD_RECIPES if p.stem.endswith("_cpu")]
 JPEG_RECIPES = sorted(p for p in (RECIPES / "cifar10_jpeg").glob("*.yaml") if p.name.split("_")[0] in METHODS)
 # Data-free methods combined with a policy from elsewhere (CuDFKD with CTKD's learnt temperature).
 COMBINED_RECIPES = sorted(RECIPES.glob("*/cudfkd_ctkd/*.yaml"))
@@ -53,7 +57,7 @@ def _representatives() -> dict[tuple[str, str], Path]:
 
 
 REPRESENTATIVES = _representatives()
-RUN = sorted(REPRESENTATIVES.values()) + JPEG_RECIPES + COMBINED_RECIPES
+RUN = sorted(REPRESENTATIVES.values()) + CPU_VARIANTS + JPEG_RECIPES + COMBINED_RECIPES
 SIBLINGS = [p for p in PAIR_RECIPES if p not in REPRESENTATIVES.values()]
 
 
@@ -147,6 +151,15 @@ def test_other_pairs_differ_from_the_run_pair_only_in_the_networks(recipe: Path)
     plain = {k: v for k, v in _loaded(recipe).items() if k not in networks}
     reference = {k: v for k, v in _loaded(tested).items() if k not in networks}
     assert plain == reference, f"{_rel(recipe)} must differ from {_rel(tested)} only in its networks"
+
+
+@pytest.mark.parametrize("recipe", CPU_VARIANTS, ids=_rel)
+def test_cpu_variants_build_on_their_pair_recipe(recipe: Path) -> None:
+    pair = recipe.with_name(recipe.stem.removesuffix("_cpu") + ".yaml")
+    assert pair in PAIR_RECIPES, f"{_rel(recipe)} has no pair recipe {_rel(pair)}"
+    raw = OmegaConf.load(recipe)
+    assert raw.base == pair.name, f"{_rel(recipe)} must build on {pair.name} with base:"
+    assert _loaded(recipe)["output_dir"] == _loaded(pair)["output_dir"] + "_cpu"
 
 
 @pytest.mark.parametrize("recipe", PAIR_RECIPES, ids=_rel)

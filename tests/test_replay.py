@@ -135,7 +135,8 @@ def _source(tmp_path: Path, *extra: str, augment: str = "crop") -> tuple[Generat
 
 
 def _ctx(teacher: nn.Module, step: int) -> Context:
-    return Context(teacher=teacher, student=nn.Linear(1, 1), epoch=0, step=step, epochs=1, steps_per_epoch=100)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10))
+    return Context(teacher=teacher, student=student, epoch=0, step=step, epochs=1, steps_per_epoch=100)
 
 
 def test_each_synthesis_step_adds_its_batch_and_the_student_reads_from_the_pool(tmp_path):
@@ -200,3 +201,18 @@ def test_a_resume_with_another_pool_size_or_synthesizer_is_refused_and_the_check
     assert _digest(out / "checkpoints") == before, "the refused resumes left the checkpoint as it was"
     summary = Trainer(_replay_cfg(out, resnet8_teacher, "train.resume=auto")).fit()
     assert summary["steps"] == 6
+
+
+def test_warmup_steps_train_the_generator_without_the_student_terms_before_the_first_step(tmp_path, monkeypatch):
+    source, teacher = _source(
+        tmp_path, "source.warmup_steps=3", "source.kd_steps=2", "source.replay={size: 32}",
+        "synthesizer.terms.adv={weight: 0.5, divergence: kl}",
+    )
+    seen: list[dict[str, float]] = []
+    step = source.synthesizer.step
+    monkeypatch.setattr(source.synthesizer, "step", lambda t, s, weights: (seen.append(dict(weights)), step(t, s, weights))[1])
+    for k in range(3):
+        source.next_batch(_ctx(teacher, k))
+    assert [w["adv"] for w in seen] == [0.0, 0.0, 0.0, 0.5, 0.5], "three warm-up steps without adv, then steps 0 and 2"
+    assert all(w["oh"] == 1.0 for w in seen)
+    assert len(source.pool) == 16, "only the two steps after the warm-up fill the pool"

@@ -120,20 +120,31 @@ class GeneratorSource(SynthesisMixin):
         env: the engine's build environment.
         batch_size: global student batch, split evenly across processes.
         kd_steps: student steps per synthesis step (DFAD uses 5; ZSKT about 10).
+        warmup_steps: synthesis steps before the student's first step, without the terms that compare
+            with the student: the generator learns the teacher's priors (its BN statistics) before the
+            student sees its images. Their batches are not replayed.
         replay: a pool of past samples the student reads from (:class:`~dfkd.sources.replay.ReplayOptions`);
             ``None`` serves the synthesizer's sample directly.
     """
 
     def __init__(
-        self, env: SourceEnv, *, batch_size: int = 256, kd_steps: int = 1, replay: Optional[ReplayOptions] = None
+        self,
+        env: SourceEnv,
+        *,
+        batch_size: int = 256,
+        kd_steps: int = 1,
+        warmup_steps: int = 0,
+        replay: Optional[ReplayOptions] = None,
     ) -> None:
         if replay is not None and not isinstance(replay, ReplayOptions):
             replay = ReplayOptions(**replay)
         try:
-            self.check_options({"batch_size": batch_size, "kd_steps": kd_steps, "replay": replay})
+            self.check_options(
+                {"batch_size": batch_size, "kd_steps": kd_steps, "warmup_steps": warmup_steps, "replay": replay}
+            )
         except ValueError as exc:
             raise ConfigError(f"source.{exc}.") from None
-        self.kd_steps = kd_steps
+        self.kd_steps, self.warmup_steps = kd_steps, warmup_steps
         self._setup_synthesis(env, batch_size)
         self._served = 0  # student batches served so far
         self.replay, self.pool = replay, None
@@ -145,6 +156,8 @@ class GeneratorSource(SynthesisMixin):
         """Raise a ``ValueError`` naming the option that is out of its range."""
         if options["kd_steps"] < 1:
             raise ValueError(f"kd_steps must be at least 1, got {options['kd_steps']}")
+        if options["warmup_steps"] < 0:
+            raise ValueError(f"warmup_steps must be at least 0, got {options['warmup_steps']}")
         replay = options.get("replay")
         if replay is not None:
             (replay if isinstance(replay, ReplayOptions) else ReplayOptions(**replay)).check(options["batch_size"])
@@ -167,6 +180,9 @@ class GeneratorSource(SynthesisMixin):
         return None  # synthetic data has no natural epoch: the recipe sets train.steps_per_epoch
 
     def next_batch(self, ctx: Context) -> Batch:
+        if self._served == 0:
+            for _ in range(self.warmup_steps):
+                self._synthesize(ctx, warmup=True)
         metrics = self._synthesize(ctx) if self._served % self.kd_steps == 0 else {}
         if self.pool is not None and metrics:
             self._add_to_pool(ctx)
