@@ -28,6 +28,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import warnings
@@ -78,16 +79,40 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own advice and warnings are not for dfkd's users
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # A pickle (protocol 2+) or torch's zip format that the weights-only unpickler refused holds objects;
+        # anything else that fails to unpickle is damaged.
+        if "weights only" not in str(exc).lower() or not (head[:1] == b"\x80" or head == b"PK\x03\x04"):
+            raise CheckpointError(_unreadable(path, exc)) from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # the object it refused, when torch names it
         raise CheckpointError(
-            f"refused to load {str(path)!r}: it contains pickled Python objects, not only tensors, and "
-            "dfkd never unpickles those (torch.load(weights_only=True)). Re-save it as a plain state dict "
-            f"(torch.save(model.state_dict(), path)) or as .safetensors. Detail: {str(exc).splitlines()[0]}"
+            f"refused to load {str(path)!r}: besides tensors it holds pickled Python objects"
+            + (f" ({found.group(1)})" if found else "")
+            + ", which could run code when loaded, and dfkd never unpickles those. If you trust the file, "
+            "convert it once to safetensors in a Python session of your own:\n"
+            "    import torch; from safetensors.torch import save_file\n"
+            f"    state = torch.load({str(path)!r}, map_location='cpu', weights_only=False)  # runs the pickle: trusted files only\n"
+            "    state = state.get('state_dict', state.get('model', state))  # the weights, if they are wrapped\n"
+            f"    save_file({{k: v.contiguous() for k, v in state.items()}}, {str(path.with_suffix('.safetensors'))!r})\n"
+            "and point the recipe at the .safetensors file."
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+    except Exception as exc:  # torch reports a damaged file as OSError, EOFError, RuntimeError, KeyError, ...
+        raise CheckpointError(_unreadable(path, exc)) from None
     return _as_state_dict(obj, path)
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    size = path.stat().st_size
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (
+        f"cannot read checkpoint {str(path)!r} ({size:,} bytes): the file is truncated or is not a PyTorch "
+        f"checkpoint ({type(exc).__name__}: {detail}). Copy it again, or point at the right file."
+    )
 
 
 def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:

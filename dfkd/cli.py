@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a recipe", description="Run a recipe: dfkd train RECIPE [key=value ...]")
     train.add_argument("recipe", help="path of a YAML recipe (see recipes/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=10")
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="start over in an output_dir that holds a finished run (its files are deleted first)",
+    )
 
     evaluate = sub.add_parser(
         "eval",
@@ -103,17 +108,59 @@ _LISTINGS = {
 }
 
 
-def _train(recipe: str, overrides: Sequence[str]) -> int:
+def _train(recipe: str, overrides: Sequence[str], overwrite: bool = False) -> int:
     from dfkd.config import load_config
+
+    cfg = load_config(recipe, overrides)  # before torch is imported: a typo is reported in a moment
+    _claim_output_dir(Path(cfg.output_dir), overwrite)
     from dfkd.engine import Trainer
 
-    cfg = load_config(recipe, overrides)
     trainer = Trainer(cfg)
     summary = trainer.fit()
     if trainer.accelerator.is_main_process:
+        print(_report(cfg.output_dir, summary))
         final = {k: round(v, 4) for k, v in summary.items() if k.startswith("final_") and isinstance(v, float)}
         print(json.dumps({"output_dir": str(cfg.output_dir), **final, "wall_s": round(summary["wall_s"], 1)}))
     return 0
+
+
+def _claim_output_dir(folder: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds a finished run, unless told to start over; an unfinished one resumes as the
+    recipe says (``train.resume``)."""
+    from dfkd.errors import DfkdError
+
+    finished = folder / "summary.json"
+    if not finished.is_file():
+        return
+    if not overwrite:
+        raise DfkdError(
+            f"{folder} holds a finished run: its summary is {finished}. To train it again from the start, "
+            "add --overwrite (which deletes that run first), or choose another folder with output_dir=PATH."
+        )
+    if (folder / ".lock").is_file():  # never delete under a run that is still training
+        from dfkd.checkpoint import run_lock
+
+        with run_lock(folder):
+            pass
+    shutil.rmtree(folder)
+
+
+def _report(output_dir: str, summary: dict) -> str:
+    """What a person wants to read when a run ends: the numbers, and where to look next."""
+    folder = Path(output_dir)
+    pct = lambda key: f"{summary[key]:.2f}%" if isinstance(summary.get(key), float) else "-"  # noqa: E731
+    lines = [f"finished in {summary['wall_s']:.0f} s ({summary.get('steps', 0)} steps): {folder}"]
+    if "final_agree1" in summary:
+        lines += [
+            f"  teacher Acc@1 {pct('final_teacher_acc1')}; student Acc@1 {pct('final_acc1')}, "
+            f"Agree@1 with the teacher {pct('final_agree1')}, loyalty {summary.get('final_loyalty', 0):.3f}",
+        ]
+    else:
+        lines += [f"  Acc@1 {pct('final_acc1')}"]
+    if (folder / "synthetic.png").is_file():
+        lines += [f"  synthetic images: {folder / 'synthetic.png'}"]
+    lines += [f"  curves: {folder / 'metrics.jsonl'}; tensorboard --logdir {folder / 'tb'}"]
+    return "\n".join(lines)
 
 
 def _eval(args: Sequence[str]) -> int:
@@ -148,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            return _train(args.recipe, args.overrides)
+            return _train(args.recipe, args.overrides, args.overwrite)
         if args.command == "eval":
             return _eval(args.args)
         if args.command == "bench":

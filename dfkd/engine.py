@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -144,7 +145,12 @@ def ensure_teacher(cfg: DictConfig) -> None:
         raise ConfigError(
             f"teacher.recipe trains {teacher_cfg.student.arch!r} but teacher.arch is {teacher.arch!r}."
         )
-    Trainer(teacher_cfg).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"no teacher checkpoint at {checkpoint}: training the teacher first ({teacher_cfg.student.arch} on "
+            f"{teacher_cfg.data.name}, {teacher.recipe}); later runs reuse it", flush=True,
+        )
+    Trainer(teacher_cfg, phase="teacher").fit()
 
 
 def build_normalize(cfg: DictConfig, spec: DatasetSpec) -> Normalize:
@@ -263,6 +269,13 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _phase(cfg: DictConfig) -> str:
+    """What a run does, in two or three words: its progress bar's label."""
+    if cfg.teacher is None:
+        return "train"
+    return "distil without data" if cfg.synthesizer is not None else "distil"
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -272,10 +285,13 @@ class Trainer:
     Args:
         cfg: a validated config from :func:`dfkd.config.load_config`.
         accelerator: reuse an accelerator (tests); by default one is made from the config.
+        phase: what the run is, for its progress bar and log (by default from the config: ``train``,
+            ``distil`` or ``distil without data``).
     """
 
-    def __init__(self, cfg: DictConfig, accelerator: Accelerator | None = None) -> None:
+    def __init__(self, cfg: DictConfig, accelerator: Accelerator | None = None, *, phase: str | None = None) -> None:
         self.cfg = cfg
+        self.phase = phase or _phase(cfg)
         # The teacher's own run comes first: before seeding, so a reused and a freshly trained teacher give
         # the same run, and before this run's accelerator, whose precision state the teacher run would reset.
         # A generator that cannot make this dataset's images is reported before that training, not after.
@@ -284,7 +300,16 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(cfg)
         self.device = self.accelerator.device
         self.output_dir = Path(cfg.output_dir)
-        self._prepare_output_dir()
+        self._created = self._prepare_output_dir()
+        try:
+            self._build()
+        except BaseException:
+            self._discard_if_unused()
+            raise
+
+    def _build(self) -> None:
+        """Everything a run needs, from the data to the checkpoint manager."""
+        cfg = self.cfg
         set_seed(cfg.seed, device_specific=True)
 
         data = cfg.data
@@ -348,9 +373,11 @@ class Trainer:
 
     # -- setup helpers
 
-    def _prepare_output_dir(self) -> None:
+    def _prepare_output_dir(self) -> list[Path]:
+        """Make the run folder (on the main process); returns the folders this made, deepest first."""
         if not self.accelerator.is_main_process:
-            return
+            return []
+        created = [p for p in (self.output_dir, *self.output_dir.parents) if not p.exists()]
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             probe = self.output_dir / ".write-test"
@@ -361,6 +388,19 @@ class Trainer:
                 f"cannot write to output_dir {str(self.output_dir)!r} ({exc.strerror}). "
                 "Choose a writable folder with output_dir=PATH."
             ) from None
+        return created
+
+    def _discard_if_unused(self) -> None:
+        """After a failure: remove the run folder this run made if it holds no checkpoint to resume from,
+        and the parents made with it while they are empty. A failed run leaves nothing behind."""
+        if not self._created or CheckpointManager(self.output_dir / "checkpoints").latest() is not None:
+            return
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+        for folder in self._created[1:]:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something else lives there now
+                break
 
     def _train_set(self):
         data = self.cfg.data
@@ -402,8 +442,12 @@ class Trainer:
         Raises:
             RunLockedError: another process is training into the same output_dir.
         """
-        with self._exclusive_output_dir():
-            return self._fit()
+        try:
+            with self._exclusive_output_dir():
+                return self._fit()
+        except BaseException:
+            self._discard_if_unused()
+            raise
 
     @contextmanager
     def _exclusive_output_dir(self) -> Iterator[None]:
@@ -429,10 +473,11 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_config(cfg, self.output_dir / "config.yaml")
             costs = ", ".join(f"{name} {macs / 1e6:.3g} M" for name, macs in self.macs_per_image.items())
-            print(f"multiply-adds per image: {costs}", flush=True)
+            print(f"{self.phase}: {cfg.output_dir}; multiply-adds per image: {costs}", flush=True)
         self.logger = RunLogger(
             self.output_dir, enabled=self.accelerator.is_main_process, total_steps=self.total_steps,
             initial_step=self.state.step, progress_bar=cfg.train.progress_bar, history=self.state.history,
+            label=self.phase,
         )
         if cfg.train.nonfinite == "reload" and self.checkpoints.latest() is None:
             self._save_checkpoint()  # a fault before the first epoch ends goes back to the start
@@ -618,12 +663,14 @@ class Trainer:
         preview = getattr(self.source, "preview", None)
         if preview is None or not self.accelerator.is_main_process:
             return
-        from torchvision.utils import make_grid
+        from torchvision.utils import make_grid, save_image
 
         images = preview(n).detach().float().cpu()
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        self.logger.images("synthetic", make_grid(images, nrow=8, padding=1), self.state.step)
+        grid = make_grid(images, nrow=8, padding=1)
+        self.logger.images("synthetic", grid, self.state.step)
+        save_image(grid, self.output_dir / "synthetic.png")  # the latest grid, also as a file to open
 
     def _evaluate_and_record(self) -> None:
         started = time.perf_counter()

@@ -119,10 +119,12 @@ class RunLogger:
         initial_step: int,
         progress_bar: bool,
         history: Sequence[Mapping[str, Any]] = (),
+        label: str = "train",
     ) -> None:
         """``history`` is the run's evaluations so far (those of the checkpoint it resumes, or none):
         ``metrics.jsonl`` is rewritten to hold exactly these, so neither a fresh run in an old folder
-        nor a resume after a crash between an evaluation and its checkpoint leaves stray lines."""
+        nor a resume after a crash between an evaluation and its checkpoint leaves stray lines.
+        ``label`` names the run's phase on its progress bar (``teacher``, ``distil without data``)."""
         self.enabled = enabled
         self.dir = Path(output_dir)
         self._writer = None
@@ -137,7 +139,7 @@ class RunLogger:
         if progress_bar:
             interactive = sys.stderr.isatty()
             self._bar = tqdm(
-                total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
+                total=total_steps, initial=initial_step, desc=label, unit="step", dynamic_ncols=True,
                 mininterval=0.1 if interactive else 30.0,  # a log file gets a line every 30 s, not every step
             )
 

@@ -11,6 +11,7 @@ This module lives in ``generators`` because ``generators`` may not import
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -43,9 +44,17 @@ class Registry(Generic[T]):
         True
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, plugins: tuple[str, ...] = ()) -> None:
+        """``plugins`` name modules that register more entries; they are imported at the first lookup,
+        so that importing the registry (a recipe check, an error class) stays as light as the registry."""
         self.name = name
         self._entries: dict[str, T] = {}
+        self._plugins = plugins
+
+    def _load(self) -> None:
+        plugins, self._plugins = self._plugins, ()
+        for module in plugins:
+            importlib.import_module(module)
 
     def register(self, name: str | None = None, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; without ``obj``, return a decorator.
@@ -68,12 +77,14 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Look up ``name``; an unknown name raises with the close matches."""
+        self._load()
         try:
             return self._entries[name]
         except KeyError:
             raise RegistryError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
+        self._load()
         known = sorted(self._entries)
         close = close_matches(str(name), known)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -81,15 +92,18 @@ class Registry(Generic[T]):
         return f"{self.name} registry has no entry {name!r}.{hint} Known: {listing}."
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._load()
         return len(self._entries)
 
     def __repr__(self) -> str:

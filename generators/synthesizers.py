@@ -32,7 +32,7 @@ from generators.terms import SynthBatch, Term
 
 __all__ = ["Synthesizer", "SYNTHESIZERS", "GenerativeSynthesizer", "eval_mode"]
 
-SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("synthesizers")
+SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("synthesizers", plugins=("generators.inversion", "generators.meta"))
 
 Normalize = Callable[[Tensor], Tensor]
 

@@ -109,7 +109,7 @@ class Term(nn.Module):
         raise NotImplementedError
 
 
-TERMS: Registry[type[Term]] = Registry("generator loss terms")
+TERMS: Registry[type[Term]] = Registry("generator loss terms", plugins=("generators.contrastive",))
 
 
 class _HookedTerm(Term):

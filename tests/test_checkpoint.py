@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import warnings
 import threading
 
 import pytest
@@ -74,6 +75,37 @@ def test_a_pickle_with_a_payload_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match="pickled Python objects"):
         load_state_dict_file(path)
     assert not os.path.exists(marker)
+
+
+class _Foreign:
+    """A class a checkpoint might pickle: refused by name, never run."""
+
+
+def test_a_refused_pickle_names_the_object_and_says_how_to_convert_a_trusted_file_without_torchs_advice(tmp_path):
+    path = tmp_path / "teacher.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": _Foreign()}, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError) as error:
+            load_state_dict_file(path)
+    message = str(error.value)
+    assert "_Foreign" in message and "trust" in message and "teacher.safetensors" in message
+    assert "will likely succeed" not in message and "\x1b" not in message, "none of torch's own advice"
+    assert caught == [], "no warning leaks out"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "junk"])
+def test_a_damaged_checkpoint_says_so_with_its_path_and_size(tmp_path, damage):
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.randn(64, 64)}, good)
+    data = good.read_bytes()
+    path = tmp_path / "bad.pth"
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "junk": b"not a checkpoint " * 8}[damage])
+    with pytest.raises(CheckpointError) as error:
+        load_state_dict_file(path)
+    message = str(error.value)
+    assert str(path) in message and f"{path.stat().st_size:,} bytes" in message
+    assert "truncated or is not a PyTorch checkpoint" in message
 
 
 def test_missing_file_says_where_it_looked(tmp_path):

@@ -39,6 +39,40 @@ def test_bad_key_exits_with_the_suggestion(tmp_path):
                         "'train.epoch'", "Did you mean 'train.epochs'")
 
 
+def test_a_misspelt_key_is_reported_before_torch_is_imported(tmp_path):
+    code = (
+        "import sys; from dfkd.cli import main; "
+        f"status = main(['train', 'recipes/quickstart.yaml', 'train.epoch=3', 'output_dir={tmp_path}']); "
+        "print(status, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert "Did you mean 'train.epochs'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_failed_run_leaves_no_folder_behind(tmp_path):
+    run = tmp_path / "runs" / "deep" / "run"
+    proc = _run("train", "recipes/mnist/teacher_lenet5.yaml", f"data.root={tmp_path / 'nowhere'}", f"output_dir={run}")
+    _assert_clean_error(proc, "t10k-images-idx3-ubyte")
+    assert not (tmp_path / "runs").exists(), "neither the run's folder nor the parents it made"
+
+
+def test_a_finished_run_is_not_trained_again_unless_told_to_start_over(tmp_path, capsys):
+    args = ["train", "recipes/procedural/teacher_resnet20.yaml", *TINY, f"output_dir={tmp_path / 'run'}"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "finished in" in printed and f"tensorboard --logdir {tmp_path / 'run' / 'tb'}" in printed
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run" in err and str(tmp_path / "run" / "summary.json") in err and "--overwrite" in err
+    assert (tmp_path / "run" / "summary.json").read_text() == summary, "the finished run is untouched"
+    (tmp_path / "run" / "stale.txt").write_text("from the old run")
+    assert main([*args, "--overwrite"]) == 0
+    assert not (tmp_path / "run" / "stale.txt").exists() and (tmp_path / "run" / "summary.json").is_file()
+
+
 def test_wrong_type_exits_naming_key_type_and_value(tmp_path):
     _assert_clean_error(_run("train", "recipes/procedural/teacher_resnet20.yaml", "optim.lr=fast", f"output_dir={tmp_path}"),
                         "'optim.lr'", "float", "'fast'")
@@ -72,16 +106,16 @@ def _main_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
 
 def test_a_generator_that_cannot_make_the_dataset_image_size_is_named(tmp_path, capsys, resnet8_teacher):
     err = _main_error(
-        capsys, "train", "recipes/quickstart.yaml", "teacher.recipe=null", "teacher.arch=resnet8",
+        capsys, "train", "recipes/procedural/cudfkd_resnet20_resnet8.yaml", "teacher.recipe=null", "teacher.arch=resnet8",
         f"teacher.checkpoint={resnet8_teacher}", "data.image_size=30", "data.test_samples=8", f"output_dir={tmp_path}",
     )
     assert "'dcgan' cannot make 3x30x30 images" in err and "multiple of 4" in err and "data.image_size" in err
 
 
 def test_a_generator_that_cannot_make_the_images_fails_before_the_teacher_is_trained(tmp_path, capsys):
-    teacher_dir = tmp_path / "teacher"  # missing: the quickstart would train it first, for minutes
+    teacher_dir = tmp_path / "teacher"  # missing: the recipe would train it first, for minutes
     err = _main_error(
-        capsys, "train", "recipes/quickstart.yaml", f"teacher.checkpoint={teacher_dir / 'student.safetensors'}",
+        capsys, "train", "recipes/procedural/cudfkd_resnet20_resnet8.yaml", f"teacher.checkpoint={teacher_dir / 'student.safetensors'}",
         "data.image_size=30", f"output_dir={tmp_path / 'run'}",
     )
     assert "'dcgan' cannot make 3x30x30 images" in err
@@ -89,7 +123,7 @@ def test_a_generator_that_cannot_make_the_images_fails_before_the_teacher_is_tra
 
 
 def test_the_generator_image_size_is_not_a_recipe_option(tmp_path, capsys):
-    err = _main_error(capsys, "train", "recipes/quickstart.yaml", "synthesizer.generator.image_size=28")
+    err = _main_error(capsys, "train", "recipes/procedural/cudfkd_resnet20_resnet8.yaml", "synthesizer.generator.image_size=28")
     assert "synthesizer.generator.image_size is not a recipe option" in err and "data.image_size" in err
 
 

@@ -31,7 +31,8 @@ from dfkd.errors import USER_ERRORS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [ROOT / "recipes" / name for name in (
-    "quickstart.yaml",
+    "quickstart.yaml",  # two levels of base: mnist/fastest.yaml, then the DAFL CPU recipe
+    "procedural/cudfkd_resnet20_resnet8.yaml",
     "procedural/teacher_resnet20.yaml",
     "mnist/cudfkd_ctkd/lenet5_lenet5_half.yaml",  # two levels of base, CTKD's temperature
     "mnist/dfq/lenet5_lenet5_half.yaml",
@@ -43,8 +44,8 @@ RECIPES = [ROOT / "recipes" / name for name in (
     "methods/mekd.yaml",
     "methods/tc3kd.yaml",
 )]
-QUICKSTART, DCD, DAFL = (ROOT / "recipes" / name for name in (
-    "quickstart.yaml", "cifar10_jpeg/dcd_resnet56a_resnet20.yaml", "methods/dafl.yaml"
+CUDFKD, DCD, DAFL = (ROOT / "recipes" / name for name in (
+    "procedural/cudfkd_resnet20_resnet8.yaml", "cifar10_jpeg/dcd_resnet56a_resnet20.yaml", "methods/dafl.yaml"
 ))
 # recipes/methods/ holds partial recipes; like the recipes that inherit them, each example completes them with a student.
 COMPLETION = {"student": {"arch": "resnet20"}}
@@ -274,14 +275,14 @@ def _load_or_fail_cleanly(load: Callable[[], DictConfig], folder: Path) -> Excep
 # The @examples are inputs that once leaked an exception other than a ConfigError, or named the wrong key.
 @SETTINGS
 @given(case=_cases(("replace", "misspell", "add", "raw")))
-@example(case=(QUICKSTART, [Mutation("raw", "output_dir", "[")]))  # yaml.ParserError
-@example(case=(QUICKSTART, [Mutation("replace", "synthesizer", []), Mutation("replace", "synthesizer.name", "x")]))  # ValueError
-@example(case=(QUICKSTART, [Mutation("replace", "weighting.name", [])]))  # TypeError: unhashable
-@example(case=(QUICKSTART, [Mutation("replace", "weighting", [])]))  # TypeError: incompatible containers
-@example(case=(QUICKSTART, [Mutation("replace", "data.mean", {})]))  # the same, on a typed list that holds null
-@example(case=(QUICKSTART, [Mutation("raw", "output_dir", "${oc.env:DFKD_UNSET_VARIABLE}")]))  # InterpolationResolutionError
-@example(case=(QUICKSTART, [Mutation("raw", "output_dir", "\\${x}")]))  # an escape that resolves to an interpolation
-@example(case=(QUICKSTART, [Mutation("raw", "loss.terms", "${train.epochs}")]))  # named '?'
+@example(case=(CUDFKD, [Mutation("raw", "output_dir", "[")]))  # yaml.ParserError
+@example(case=(CUDFKD, [Mutation("replace", "synthesizer", []), Mutation("replace", "synthesizer.name", "x")]))  # ValueError
+@example(case=(CUDFKD, [Mutation("replace", "weighting.name", [])]))  # TypeError: unhashable
+@example(case=(CUDFKD, [Mutation("replace", "weighting", [])]))  # TypeError: incompatible containers
+@example(case=(CUDFKD, [Mutation("replace", "data.mean", {})]))  # the same, on a typed list that holds null
+@example(case=(CUDFKD, [Mutation("raw", "output_dir", "${oc.env:DFKD_UNSET_VARIABLE}")]))  # InterpolationResolutionError
+@example(case=(CUDFKD, [Mutation("raw", "output_dir", "\\${x}")]))  # an escape that resolves to an interpolation
+@example(case=(CUDFKD, [Mutation("raw", "loss.terms", "${train.epochs}")]))  # named '?'
 def test_mutated_overrides_load_or_fail_cleanly(case):
     recipe, mutations = case
     with tempfile.TemporaryDirectory() as folder:
@@ -291,8 +292,8 @@ def test_mutated_overrides_load_or_fail_cleanly(case):
 @SETTINGS
 @given(case=_cases(("replace", "misspell", "add")), route=st.sampled_from(["child", "dump"]))
 @example(case=(DCD, [Mutation("replace", "source.curriculum", [])]), route="dump")  # TypeError in check_component
-@example(case=(QUICKSTART, [Mutation("replace", "temperature", {"t": "???"})]), route="dump")  # MissingMandatoryValue
-@example(case=(QUICKSTART, [Mutation("add", "source.x", "${")]), route="child")  # OmegaConf's details in the message
+@example(case=(CUDFKD, [Mutation("replace", "temperature", {"t": "???"})]), route="dump")  # MissingMandatoryValue
+@example(case=(CUDFKD, [Mutation("add", "source.x", "${")]), route="child")  # OmegaConf's details in the message
 def test_mutated_recipe_files_load_or_fail_cleanly(case, route):
     recipe, mutations = case
     with tempfile.TemporaryDirectory() as folder:
@@ -332,7 +333,7 @@ def test_a_misspelt_or_unknown_key_is_refused_by_name(case, route):
 
 def test_a_null_unknown_term_is_refused_by_name():
     with pytest.raises(USER_ERRORS, match="synthesizer.terms.bnn"):
-        load_config(QUICKSTART, ["synthesizer.terms.bnn=null"])  # meant: bn=null
+        load_config(CUDFKD, ["synthesizer.terms.bnn=null"])  # meant: bn=null
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))

@@ -21,6 +21,7 @@ from PIL import Image
 
 import dfkd.data.archive as archive
 from dfkd.data import ImageFolderDataset, TensorImageDataset, build_dataset, stratified_indices
+from dfkd.data.digits import render_digits
 from dfkd.data.procedural import render_procedural
 from dfkd.data.safe_pickle import UnsafePickleError
 from dfkd.data.transforms import Normalize, build_augmentation, to_unit
@@ -385,6 +386,39 @@ def test_procedural_default_test_split_size() -> None:
     _, test = build_dataset("procedural", "unused", "test")
     assert len(test) == 2000
     assert test.targets.bincount(minlength=10).tolist() == [200] * 10
+
+
+# -- the digits dataset
+
+
+def test_digits_are_deterministic_balanced_white_on_black_and_split_dependent(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing may be written: the folder must stay empty
+    a_images, a_targets = render_digits(200, 32, seed=3)
+    b_images, b_targets = render_digits(200, 32, seed=3)
+    assert a_images.dtype == torch.uint8 and a_images.shape == (200, 1, 32, 32)
+    assert torch.equal(a_images, b_images) and torch.equal(a_targets, b_targets)
+    assert not torch.equal(render_digits(200, 32, seed=4)[0], a_images)
+    assert a_targets.bincount(minlength=10).tolist() == [20] * 10
+    border = torch.cat([a_images[..., :2, :].flatten(1), a_images[..., -2:, :].flatten(1)], dim=1).float()
+    centre = a_images[..., 10:22, 10:22].flatten(1).float()
+    assert border.mean() < 30 and centre.mean() > 2 * border.mean(), "light strokes in the middle of a dark frame"
+
+    spec, train = build_dataset("digits", "unused", "train", num_samples=100)
+    _, test = build_dataset("digits", "unused", "test", num_samples=100)
+    assert (spec.num_classes, spec.in_channels, spec.image_size, spec.augment) == (10, 1, 32, "none")
+    assert train.classes == tuple("0123456789") and not torch.equal(train.images, test.images)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_same_glyph_under_the_same_draw_is_the_same_image_and_every_font_draws_every_digit() -> None:
+    from dfkd.data.digits import DIGIT_FONTS, _templates
+
+    templates, box = _templates()
+    assert templates.shape[:2] == (3 * len(DIGIT_FONTS), 10)
+    assert (templates.flatten(2).amax(dim=2) > 0.9).all(), "every glyph has ink"
+    assert ((box > 0.2) & (box < 0.95)).all(), "and fits its template"
+    ones, eights = templates[:, 1].sum(dim=(1, 2)), templates[:, 8].sum(dim=(1, 2))
+    assert (eights > ones).all(), "an 8 has more ink than a 1 in every font and stroke"
 
 
 # -- subsets

@@ -111,7 +111,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, resnet8_teacher):
 def test_cudfkd_runs_under_two_processes(tmp_path, resnet8_teacher):
     run = tmp_path / "cudfkd"
     _launch(
-        "recipes/quickstart.yaml", "teacher.recipe=null", "teacher.arch=resnet8", f"teacher.checkpoint={resnet8_teacher}",
+        "recipes/procedural/cudfkd_resnet20_resnet8.yaml", "teacher.recipe=null", "teacher.arch=resnet8", f"teacher.checkpoint={resnet8_teacher}",
         "student.arch=lenet5_half", "data.test_samples=50", "data.num_workers=0", "source.batch_size=16",
         "synthesizer.generator.nz=16", "synthesizer.generator.ngf=8", "train.epochs=2", "train.steps_per_epoch=2",
         "train.log_every=1", "train.progress_bar=false", "eval.batch_size=16", f"output_dir={run}",

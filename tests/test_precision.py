@@ -23,7 +23,7 @@ SHRINK = [
     "train.progress_bar=false", "eval.batch_size=32", "synthesizer.generator.nz=16", "synthesizer.generator.ngf=8",
 ]
 METHODS = {
-    "cudfkd": ["recipes/quickstart.yaml", "teacher.recipe=null", "source.batch_size=16"],
+    "cudfkd": ["recipes/procedural/cudfkd_resnet20_resnet8.yaml", "teacher.recipe=null", "source.batch_size=16"],
     "cmi": ["recipes/methods/cmi.yaml", "source.batch_size=16", "source.pool_size=64", "synthesizer.g_steps=2",
             "synthesizer.terms.contrastive.bank_size=64", "synthesizer.terms.contrastive.n_neg=16",
             "synthesizer.terms.contrastive.head_dim=16"],

@@ -1,6 +1,6 @@
 """benchmarks/speed.py: the engine's overhead per synthesis step and per student step, on tiny CPU runs.
 
-The entries are the quickstart (a generative data-free run whose student batch
+The entries are the procedural CuDFKD recipe (a generative data-free run whose student batch
 carries the teacher's logits), real-data KD and DeepInversion (an inversion
 synthesizer, timed per inner iteration), shrunk to a random ResNet-8 teacher, a
 LeNet-5-half student and batches of 8.
@@ -47,7 +47,7 @@ def _suite(tmp_path: Path, teacher: Path) -> Path:
     suite = {
         "overrides": [*TINY, f"teacher.checkpoint={teacher}"],
         "entries": [
-            {"name": "cudfkd", "recipe": str(ROOT / "recipes/quickstart.yaml"), "overrides": GENERATOR},
+            {"name": "cudfkd", "recipe": str(ROOT / "recipes/procedural/cudfkd_resnet20_resnet8.yaml"), "overrides": GENERATOR},
             {"name": "kd", "recipe": str(ROOT / "recipes/methods/kd.yaml")},
         ],
     }

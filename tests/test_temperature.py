@@ -34,7 +34,7 @@ from dfkd.policies.temperature import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+CUDFKD_PROCEDURAL = ROOT / "recipes" / "procedural" / "cudfkd_resnet20_resnet8.yaml"
 CTKD_RECIPES = sorted((ROOT / "recipes" / "cifar100").glob("ctkd*/*.yaml"))
 
 SIGMOID_1 = 0.7310585786300049  # 1 / (1 + e^-1)
@@ -235,7 +235,7 @@ def _real_kd(run: Path, teacher: Path, *extra: str):
 
 
 def _data_free(run: Path, teacher: Path, *extra: str):
-    return load_config(QUICKSTART, [
+    return load_config(CUDFKD_PROCEDURAL, [
         f"output_dir={run}", "teacher.arch=resnet8", f"teacher.checkpoint={teacher}", "teacher.recipe=null",
         "data.test_samples=40", "data.num_workers=0", "source.batch_size=8", "train.epochs=1",
         "train.steps_per_epoch=2", "train.log_every=1", "train.progress_bar=false", "eval.batch_size=40",

@@ -5,7 +5,7 @@ channels, image size, normalisation, augmentation) and an :class:`ImageDataset`
 whose items are ``(uint8 [C, H, W], label)``. Float conversion, augmentation and
 normalisation run later on the device, batched (:mod:`dfkd.data.transforms`).
 
-Registered datasets: ``procedural`` (generated, no files), ``mnist``,
+Registered datasets: ``procedural`` and ``digits`` (generated, no files), ``mnist``,
 ``fashion_mnist``, ``cifar10``, ``cifar100``, ``svhn``, ``imagefolder``,
 ``cinic10``, ``tiny_imagenet`` and ``cifar10_jpeg``.
 """
