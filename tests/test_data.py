@@ -405,7 +405,7 @@ def test_digits_are_deterministic_balanced_white_on_black_and_split_dependent(tm
 
     spec, train = build_dataset("digits", "unused", "train", num_samples=100)
     _, test = build_dataset("digits", "unused", "test", num_samples=100)
-    assert (spec.num_classes, spec.in_channels, spec.image_size, spec.augment) == (10, 1, 32, "none")
+    assert (spec.num_classes, spec.in_channels, spec.image_size, spec.augment) == (10, 1, 32, "affine")
     assert train.classes == tuple("0123456789") and not torch.equal(train.images, test.images)
     assert list(tmp_path.iterdir()) == []
 
@@ -514,7 +514,7 @@ def test_normalize_inverts_and_to_unit_scales() -> None:
     assert set(dict(norm.named_buffers())) == {"mean", "std"}
 
 
-@pytest.mark.parametrize("kind", ["crop", "crop_flip", "resized_crop_flip"])
+@pytest.mark.parametrize("kind", ["crop", "crop_flip", "resized_crop_flip", "affine"])
 def test_augmentation_is_seeded_and_keeps_the_shape(kind: str) -> None:
     x = torch.rand(8, 3, 32, 32)
     augment = build_augmentation(kind, 32)
@@ -523,6 +523,16 @@ def test_augmentation_is_seeded_and_keeps_the_shape(kind: str) -> None:
     torch.manual_seed(0)
     assert torch.equal(first, augment(x))
     assert first.shape == x.shape and not torch.equal(first, x)
+
+
+def test_affine_moves_a_digit_a_little_and_never_mirrors_it() -> None:
+    """The digits' augmentation: a stroke left of the centre stays left of it (a flip would move it right)."""
+    x = torch.zeros(64, 1, 32, 32)
+    x[:, :, 12:20, 4:8] = 1.0  # columns 4-7: about 10 pixels left of the centre
+    torch.manual_seed(0)
+    y = build_augmentation("affine", 32)(x)
+    assert not torch.equal(y, x)
+    assert y[..., 16:].sum() == 0 and (y[..., :16].sum(dim=(1, 2, 3)) > 0).all()
 
 
 def test_augmentation_none_is_identity_and_unknown_kind_is_named() -> None:

@@ -7,16 +7,20 @@ generator source, replay pool, loss terms and reports in seconds rather than min
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dfkd.data.catalog as catalog
 from dfkd.checkpoint import save_model
 from dfkd.cli import main
 from dfkd.config import load_config
+from dfkd.data import build_dataset
 from dfkd.engine import Trainer
 from dfkd.models import create_model
 
@@ -120,3 +124,22 @@ def test_a_healthy_generator_logs_its_spread_without_a_warning(tmp_path, tiny_te
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()
     assert min(e.value for e in events.Scalars("synth/spread")) > 0.05
+
+
+def test_the_readme_figure_sets_held_out_digits_beside_the_synthetic_grid(tmp_path, tiny_teacher):
+    Trainer(_reduced(tmp_path, tiny_teacher)).fit()
+    spec = importlib.util.spec_from_file_location("real_vs_synthetic", ROOT / "benchmarks" / "real_vs_synthetic.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "figure.png"
+    script.main([str(tmp_path / "run"), str(out), "--rows", "2", "--scale", "1"])
+
+    figure = np.asarray(Image.open(out).convert("L"))
+    cell = 32 + 1  # a 32-pixel digit and the grid's 1-pixel padding
+    panel = 8 * cell + 1
+    assert figure.shape == (2 * cell + 1, 2 * panel + 16)
+    _, test = build_dataset("digits", "unused", "test", num_samples=40)
+    first = test[0][0][0].numpy()  # the first held-out digit, top left
+    assert np.array_equal(figure[1:33, 1:33], first)
+    synthetic = np.asarray(Image.open(tmp_path / "run" / "synthetic.png").convert("L"))
+    assert np.array_equal(figure[:, panel + 16:], synthetic[: 2 * cell + 1]), "the grid's top rows, unscaled"

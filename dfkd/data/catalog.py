@@ -217,7 +217,7 @@ for _spec in (
         how_to_get="It is generated from a fixed seed and needs no files.", load=_load_procedural,
     ),
     DatasetSpec(
-        name="digits", num_classes=10, in_channels=1, image_size=32, mean=(0.2026,), std=(0.3276,), augment="none",
+        name="digits", num_classes=10, in_channels=1, image_size=32, mean=(0.2026,), std=(0.3276,), augment="affine",
         splits=("train", "test"), load=_load_digits,
         how_to_get="It is rendered from a fixed seed with the fonts that ship with matplotlib and Pillow; no files.",
     ),

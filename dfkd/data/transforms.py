@@ -72,6 +72,12 @@ def _crop(image_size: int) -> nn.Module:
     return nn.Sequential(K.RandomCrop((image_size, image_size), padding=4))
 
 
+@AUGMENTATIONS.register("affine")
+def _affine(image_size: int) -> nn.Module:
+    """For digits: a small random rotation (±15°), shift (±10%), scale (0.85 to 1.15) and shear (±10°); no flip."""
+    return nn.Sequential(K.RandomAffine(degrees=15.0, translate=(0.1, 0.1), scale=(0.85, 1.15), shear=10.0, p=1.0))
+
+
 @AUGMENTATIONS.register("crop_flip")
 def _crop_flip(image_size: int) -> nn.Module:
     """The CIFAR recipe: pad-4 random crop, then a horizontal flip with probability 0.5."""
