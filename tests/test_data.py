@@ -362,13 +362,19 @@ def test_restricted_unpickler_refuses_a_batch_that_would_run_code(tmp_path: Path
 # -- the procedural dataset
 
 
-def test_procedural_is_deterministic_balanced_and_split_dependent() -> None:
-    a_images, a_targets = render_procedural(300, 32, seed=5)
-    b_images, b_targets = render_procedural(300, 32, seed=5)
-    assert a_images.dtype == torch.uint8 and a_images.shape == (300, 3, 32, 32)
+def _rendered_deterministic_and_balanced(render, num_images: int, channels: int, seed: int) -> torch.Tensor:
+    """``render(n, 32, seed)`` twice with one seed is the same uint8 split, another seed differs, classes balance."""
+    a_images, a_targets = render(num_images, 32, seed=seed)
+    b_images, b_targets = render(num_images, 32, seed=seed)
+    assert a_images.dtype == torch.uint8 and a_images.shape == (num_images, channels, 32, 32)
     assert torch.equal(a_images, b_images) and torch.equal(a_targets, b_targets)
-    assert not torch.equal(render_procedural(300, 32, seed=6)[0], a_images)
-    assert a_targets.bincount(minlength=10).tolist() == [30] * 10
+    assert not torch.equal(render(num_images, 32, seed=seed + 1)[0], a_images)
+    assert a_targets.bincount(minlength=10).tolist() == [num_images // 10] * 10
+    return a_images
+
+
+def test_procedural_is_deterministic_balanced_and_split_dependent() -> None:
+    _rendered_deterministic_and_balanced(render_procedural, 300, channels=3, seed=5)
 
     spec, train = build_dataset("procedural", "unused", "train", num_samples=200)
     _, train_again = build_dataset("procedural", "unused", "train", num_samples=200, seed=123)
@@ -393,12 +399,7 @@ def test_procedural_default_test_split_size() -> None:
 
 def test_digits_are_deterministic_balanced_white_on_black_and_split_dependent(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # nothing may be written: the folder must stay empty
-    a_images, a_targets = render_digits(200, 32, seed=3)
-    b_images, b_targets = render_digits(200, 32, seed=3)
-    assert a_images.dtype == torch.uint8 and a_images.shape == (200, 1, 32, 32)
-    assert torch.equal(a_images, b_images) and torch.equal(a_targets, b_targets)
-    assert not torch.equal(render_digits(200, 32, seed=4)[0], a_images)
-    assert a_targets.bincount(minlength=10).tolist() == [20] * 10
+    a_images = _rendered_deterministic_and_balanced(render_digits, 200, channels=1, seed=3)
     border = torch.cat([a_images[..., :2, :].flatten(1), a_images[..., -2:, :].flatten(1)], dim=1).float()
     centre = a_images[..., 10:22, 10:22].flatten(1).float()
     assert border.mean() < 30 and centre.mean() > 2 * border.mean(), "light strokes in the middle of a dark frame"
