@@ -49,12 +49,9 @@ from dfkd.policies.weighting import build_weighting
 from dfkd.sources import SOURCES, Batch, Context, SampleSource, SourceEnv
 from dfkd.synthesis import check_generator_fits
 from dfkd.tracking import Meter, RunLogger
+from generators.synthesizers import COLLAPSED_SPREAD
 
 __all__ = ["Trainer", "RunState", "build_eval_loader", "build_model", "build_normalize", "evaluate", "make_accelerator"]
-
-# Below this spread (the synthetic batch's per-pixel standard deviation across images, in the
-# teacher's normalised units, where real images are near 1) a synthesizer has collapsed.
-COLLAPSED_SPREAD = 1e-3
 
 
 @dataclass
@@ -645,7 +642,8 @@ class Trainer:
                 f"dfkd: warning: the synthetic images have collapsed to one image at step {self.state.step}: their "
                 f"spread across the batch (synth/spread) is {spread:.2g}, below {COLLAPSED_SPREAD:g}. The student "
                 "learns nothing from here on; lower synthesizer.lr and resume from an earlier checkpoint "
-                "(train.resume=<checkpoint folder>).", file=sys.stderr, flush=True,
+                "(train.resume=<checkpoint folder>), or let a generative synthesizer start a fresh generator "
+                "when this happens (synthesizer.reset_on_collapse=true).", file=sys.stderr, flush=True,
             )
 
     def _mean_over_processes(self, sums: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["world_size", "broadcast_module", "average_gradients"]
+__all__ = ["world_size", "broadcast_module", "average_gradients", "mean_over_processes"]
 
 
 def world_size() -> int:
@@ -66,3 +66,12 @@ def average_gradients(parameters: Iterable[Tensor], modules: Iterable[nn.Module]
         flat /= world_size()
         for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             tensor.copy_(part.view_as(tensor))
+
+
+def mean_over_processes(value: Tensor) -> float:
+    """The mean of a scalar over processes, as a number every process agrees on."""
+    if world_size() == 1:
+        return float(value)
+    total = value.detach().float().reshape(1).clone()
+    dist.all_reduce(total)
+    return float(total) / world_size()

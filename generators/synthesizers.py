@@ -26,15 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from generators.parallel import average_gradients, broadcast_module
+from generators.parallel import average_gradients, broadcast_module, mean_over_processes
 from generators.registry import Registry
 from generators.terms import SynthBatch, Term
 
-__all__ = ["Synthesizer", "SYNTHESIZERS", "GenerativeSynthesizer", "eval_mode"]
+__all__ = ["Synthesizer", "SYNTHESIZERS", "GenerativeSynthesizer", "eval_mode", "COLLAPSED_SPREAD"]
 
 SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("synthesizers", plugins=("generators.inversion", "generators.meta"))
 
 Normalize = Callable[[Tensor], Tensor]
+
+# Below this spread (a synthetic batch's per-pixel standard deviation across images, in the
+# teacher's normalised units, where real images are near 1) a synthesizer has collapsed to one image.
+COLLAPSED_SPREAD = 1e-3
 
 
 class Synthesizer(nn.Module):
@@ -204,6 +208,15 @@ class GenerativeSynthesizer(Synthesizer):
         lr, betas: Adam's learning rate and betas for the generator (and any
             trainable term, such as a projection head).
         sample_from: ``eval``, ``train`` or ``last``, see above.
+        reset_on_collapse: re-initialise the generator (and forget its Adam state)
+            when an update's batch has collapsed to one image (``spread`` below
+            :data:`COLLAPSED_SPREAD`). Such a generator is dead, not stuck: its
+            output saturates (DAFL's tanh pinned at ±1, which the affine-free output
+            BN maps to zeros), every gradient through it is zero, and it makes the
+            same image for the rest of the run. A fresh one, drawn from the run's
+            seeded RNG, starts learning again while the student keeps what it has.
+            Off by default, so the papers' settings run as published; ``resets``
+            counts the re-initialisations so far.
     """
 
     SAMPLE_FROM = ("eval", "train", "last")
@@ -222,6 +235,7 @@ class GenerativeSynthesizer(Synthesizer):
         betas: tuple[float, float] = (0.5, 0.999),
         targets: str = "argmax",
         sample_from: str = "eval",
+        reset_on_collapse: bool = False,
     ) -> None:
         super().__init__(terms, normalize, denormalize, num_classes, targets)
         if sample_from not in self.SAMPLE_FROM:
@@ -234,6 +248,8 @@ class GenerativeSynthesizer(Synthesizer):
         self.g_steps = g_steps
         self.sample_from = sample_from
         self.lr, self.betas = lr, tuple(betas)
+        self.reset_on_collapse = reset_on_collapse
+        self.resets = 0
         self._make_optimizer()
         self._last: tuple[Tensor, Tensor] | None = None
 
@@ -266,8 +282,24 @@ class GenerativeSynthesizer(Synthesizer):
                 total.backward(inputs=self.trainable)
                 average_gradients(self.trainable, [self.generator])
                 self.optimizer.step()
+                if self.reset_on_collapse and "spread" in logs:
+                    self._reset_if_collapsed(logs["spread"])
         self._last = (batch.x.detach(), batch.teacher.detach())
+        if self.reset_on_collapse:
+            logs["resets"] = torch.tensor(float(self.resets))
         return logs
+
+    def _reset_if_collapsed(self, spread: Tensor) -> None:
+        """Re-initialise the generator when the batch it just made was one image (every process decides alike)."""
+        if mean_over_processes(spread) >= COLLAPSED_SPREAD:
+            return
+        for module in self.net.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # BatchNorm's also resets its running statistics
+        for p in self.net.parameters():
+            self.optimizer.state.pop(p, None)
+        broadcast_module(self.net)
+        self.resets += 1
 
     def carried_state(self) -> dict[str, Tensor]:
         """The last update's batch and its teacher logits: ``sample_from='last'`` serves them until the next update."""

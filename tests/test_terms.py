@@ -614,7 +614,7 @@ def test_tv_stays_finite_on_large_bf16_images(norm):
 WEIGHTS = {"bn": 1.0, "oh": 0.5, "adv": 2.0, "balance": 20.0, "act": 0.1}
 
 
-def make_synthesizer(sample_from: str = "eval", batch_size: int = 4, g_steps: int = 1):
+def make_synthesizer(sample_from: str = "eval", batch_size: int = 4, g_steps: int = 1, reset_on_collapse: bool = False):
     torch.manual_seed(0)
     generator = DCGANGenerator(image_size=8, channels=3, nz=8, ngf=4)
     terms = {
@@ -634,6 +634,7 @@ def make_synthesizer(sample_from: str = "eval", batch_size: int = 4, g_steps: in
         g_steps=g_steps,
         lr=1e-2,
         sample_from=sample_from,
+        reset_on_collapse=reset_on_collapse,
     )
     teacher = make_teacher(seed=1, dtype=torch.float32)
     torch.manual_seed(2)
@@ -747,3 +748,36 @@ def test_sample_from_eval_draws_fresh_normalised_images():
     assert synth.generator.training  # the generator's mode is restored
     # sigmoid images in (0, 1), normalised by (x - 0.5) / 0.25: inside (-2, 2)
     assert x1.min() > -2.0 and x1.max() < 2.0
+
+
+def kill(generator: nn.Module) -> None:
+    """Zero the last convolution: every noise vector then makes the same image (a collapsed generator)."""
+    last = [m for m in generator.modules() if isinstance(m, nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()
+
+
+def test_a_collapsed_generator_is_reinitialised_and_its_adam_state_forgotten():
+    synth, teacher, student = make_synthesizer(reset_on_collapse=True)
+    kill(synth.generator)
+    logs = synth.step(teacher, student, WEIGHTS)
+    assert logs["spread"].item() < 1e-6  # the batch of this update was one image...
+    assert synth.resets == 1 and logs["resets"].item() == 1.0
+    last = [m for m in synth.generator.modules() if isinstance(m, nn.Conv2d)][-1]
+    assert last.weight.abs().sum() > 0  # ...so the generator was drawn afresh
+    assert all(p not in synth.optimizer.state for p in synth.generator.parameters())
+    x, _ = synth.sample(4)
+    assert x.std(dim=0).mean() > 1e-3  # and makes distinct images again
+    logs = synth.step(teacher, student, WEIGHTS)
+    assert synth.resets == 1 and logs["resets"].item() == 1.0  # a healthy generator is left alone
+
+
+def test_a_collapsed_generator_is_kept_unless_reset_is_asked_for():
+    synth, teacher, student = make_synthesizer()
+    kill(synth.generator)
+    logs = synth.step(teacher, student, WEIGHTS)
+    assert "resets" not in logs and synth.resets == 0
+    x, _ = synth.sample(4)
+    assert x.std(dim=0).mean() < 1e-3  # still one image: only Adam's first small step moved it
