@@ -52,12 +52,9 @@ import argparse
 import dataclasses
 import gc
 import os
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -66,110 +63,19 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from dfkd.bench import SuiteEntry, load_suite
-from dfkd.config import load_config
-from dfkd.engine import Trainer
+from dfkd.build import make_accelerator
+from dfkd.engine import Loop
 from dfkd.models import create_model
+from dfkd.recipe import load_config
 from dfkd.sources import Batch, Context
+from dfkd.teacher import train_missing_teacher
 from generators.inversion import InversionSynthesizer
 from generators.synthesizers import GenerativeSynthesizer, eval_mode
 
-__all__ = [
-    "COLUMNS", "Row", "Case", "Clock", "main", "measure", "entries_of", "build_run", "entry_cases",
-    "synthesis_case", "student_case", "bare_teacher", "format_table",
-]
+# benchmarks/timing.py: this script's folder is on sys.path when it runs (python benchmarks/speed.py)
+from timing import Case, Clock, Row, format_table, measure
 
-COLUMNS = ("entry", "phase", "images", "bare ms", "engine ms", "engine / bare", "images/s")
-
-
-@dataclass(frozen=True)
-class Row:
-    """The medians of one phase of one entry."""
-
-    entry: str
-    phase: str
-    images: int  # images per call: synthesised (synthesis) or trained on (student)
-    bare_s: float  # median seconds per call
-    engine_s: float
-    ratio: float  # engine / bare: the median of the per-round ratios (see measure)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.engine_s
-
-    def cells(self) -> tuple[str, ...]:
-        return (
-            self.entry, self.phase, str(self.images), f"{self.bare_s * 1e3:.1f}", f"{self.engine_s * 1e3:.1f}",
-            f"{self.ratio:.3f}", f"{self.images_per_s:.0f}",
-        )
-
-
-@dataclass(frozen=True)
-class Case:
-    """One phase: the engine's call and its bare counterpart, each processing ``images`` images."""
-
-    phase: str
-    images: int
-    bare: Callable[[], object]
-    engine: Callable[[], object]
-
-
-class Clock:
-    """Seconds per call of a function, averaged over ``steps`` back-to-back calls.
-
-    Args:
-        device: where the work runs; on CUDA every timing starts and ends synchronised.
-        cuda_events: time with a pair of CUDA events around the calls instead of the host clock.
-    """
-
-    def __init__(self, device: torch.device, cuda_events: bool = False) -> None:
-        if cuda_events and device.type != "cuda":
-            raise ValueError(f"CUDA events time CUDA work, but the runs are on {device.type}")
-        self.cuda = device.type == "cuda"
-        self.cuda_events = cuda_events
-
-    def __call__(self, fn: Callable[[], object], steps: int) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        if self.cuda_events:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / steps
-        begin = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - begin) / steps
-
-
-def measure(entry: str, cases: Sequence[Case], clock: Clock, steps: int, repeats: int) -> list[Row]:
-    """Time every case's two sides interleaved: a warm-up of each, then ``repeats`` rounds.
-
-    In each round every case times its bare and its engine side back to back, in
-    alternating order from one round to the next. The times are the medians over
-    the rounds; the ratio is the median of the rounds' own ratios, so that a slow
-    spell of the machine, which hits both sides of a round alike, cancels out.
-    """
-    for case in cases:
-        clock(case.bare, 1)
-        clock(case.engine, 1)
-    times = [{"bare": [], "engine": []} for _ in cases]
-    for round_index in range(repeats):
-        order = ("bare", "engine") if round_index % 2 == 0 else ("engine", "bare")
-        for case, timed in zip(cases, times):
-            for side in order:
-                timed[side].append(clock(getattr(case, side), steps))
-    return [
-        Row(
-            entry, case.phase, case.images, statistics.median(timed["bare"]), statistics.median(timed["engine"]),
-            statistics.median(e / b for e, b in zip(timed["engine"], timed["bare"])),
-        )
-        for case, timed in zip(cases, times)
-    ]
+__all__ = ["main", "entries_of", "build_run", "entry_cases", "synthesis_case", "student_case", "bare_teacher"]
 
 
 # --------------------------------------------------------------------------- the two phases
@@ -181,36 +87,36 @@ def _simple_loss(first: Tensor, second: Tensor | None = None) -> Tensor:
     return diff.square().mean()
 
 
-def bare_teacher(trainer: Trainer) -> nn.Module | None:
+def bare_teacher(loop: Loop) -> nn.Module | None:
     """The run's teacher rebuilt without the synthesis terms' hooks: same weights, device and memory format."""
-    if trainer.teacher is None:
+    if loop.teacher is None:
         return None
-    spec = trainer.spec
-    teacher = create_model(trainer.cfg.teacher.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
-    teacher.load_state_dict(trainer.teacher.state_dict())
-    return teacher.to(trainer.device, memory_format=trainer.memory_format).eval().requires_grad_(False)
+    spec = loop.spec
+    teacher = create_model(loop.cfg.teacher.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    teacher.load_state_dict(loop.teacher.state_dict())
+    return teacher.to(loop.device, memory_format=loop.memory_format).eval().requires_grad_(False)
 
 
-def synthesis_case(trainer: Trainer, ctx: Context, teacher: nn.Module) -> Case | None:
+def synthesis_case(loop: Loop, ctx: Context, teacher: nn.Module) -> Case | None:
     """The synthesis phase of a data-free run at ``ctx``'s progress; ``None`` where the source does not synthesise."""
-    built = getattr(trainer.source, "built", None)
+    built = getattr(loop.source, "built", None)
     if built is None:
         return None
     synth = built.synthesizer
     weights = built.weights(ctx.step / ctx.steps_per_epoch, ctx.epochs)
     needs_student = any(term.needs_student for name, term in synth.terms.items() if weights[name] != 0)
-    student = trainer.unwrapped_student if needs_student else None
+    student = loop.unwrapped_student if needs_student else None
     if isinstance(synth, InversionSynthesizer):
-        return _inversion_case(trainer, synth, weights, teacher, student)
+        return _inversion_case(loop, synth, weights, teacher, student)
     if isinstance(synth, GenerativeSynthesizer):
-        return _generative_case(trainer, synth, ctx, teacher, student)
+        return _generative_case(loop, synth, ctx, teacher, student)
     raise TypeError(f"no bare synthesis step for {type(synth).__name__}; add one to benchmarks/speed.py")
 
 
 def _generative_case(
-    trainer: Trainer, synth: GenerativeSynthesizer, ctx: Context, teacher: nn.Module, student: nn.Module | None
+    loop: Loop, synth: GenerativeSynthesizer, ctx: Context, teacher: nn.Module, student: nn.Module | None
 ) -> Case:
-    source, autocast = trainer.source, trainer.accelerator.autocast
+    source, autocast = loop.source, loop.accelerator.autocast
 
     def draw(n: int) -> Tensor:
         return torch.randn(n, synth.net.nz, device=synth.device)
@@ -233,10 +139,10 @@ def _generative_case(
 
 
 def _inversion_case(
-    trainer: Trainer, synth: InversionSynthesizer, weights: dict[str, float], teacher: nn.Module,
+    loop: Loop, synth: InversionSynthesizer, weights: dict[str, float], teacher: nn.Module,
     student: nn.Module | None,
 ) -> Case:
-    autocast, device = trainer.accelerator.autocast, trainer.device
+    autocast, device = loop.accelerator.autocast, loop.device
     current = synth.begin_round(device)
     if synth.generator is None:
         pixels = torch.randn(synth.batch_size, *synth.image_shape, device=device, requires_grad=True)
@@ -261,44 +167,44 @@ def _inversion_case(
         optimizer.step()
 
     def engine() -> None:
-        with eval_mode(trainer.teacher, student), autocast():
-            synth.update(current, trainer.teacher, student, weights)
+        with eval_mode(loop.teacher, student), autocast():
+            synth.update(current, loop.teacher, student, weights)
 
     return Case("synthesis, per inner iteration", synth.batch_size, bare, engine)
 
 
-def student_case(trainer: Trainer, batch: Batch, teacher: nn.Module | None) -> Case:
+def student_case(loop: Loop, batch: Batch, teacher: nn.Module | None) -> Case:
     """``train_step`` on ``batch`` against the bare student step."""
-    x = batch.x.contiguous(memory_format=trainer.memory_format)
-    runs_teacher = batch.teacher_logits is None and trainer.loss.needs_teacher
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # the torch optimiser accelerate wraps
+    x = batch.x.contiguous(memory_format=loop.memory_format)
+    runs_teacher = batch.teacher_logits is None and loop.loss.needs_teacher
+    optimizer = getattr(loop.optimizer, "optimizer", loop.optimizer)  # the torch optimiser accelerate wraps
 
     def bare() -> None:
-        with trainer.accelerator.autocast():
+        with loop.accelerator.autocast():
             t_logits = batch.teacher_logits
             if runs_teacher:
                 with torch.no_grad():
                     t_logits = teacher(x)
-            s_logits = trainer.student(x)
+            s_logits = loop.student(x)
             loss = F.cross_entropy(s_logits.float(), batch.y) if t_logits is None else _simple_loss(s_logits, t_logits)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Case("student", len(batch.x), bare, lambda: trainer.train_step(batch))
+    return Case("student", len(batch.x), bare, lambda: loop.train_step(batch))
 
 
-def entry_cases(trainer: Trainer) -> list[Case]:
+def entry_cases(loop: Loop) -> list[Case]:
     """Both phases of a built run, placed halfway through its training."""
-    trainer.state.step = trainer.total_steps // 2
-    ctx = trainer.context(trainer.state.step // trainer.steps_per_epoch)
-    batch = trainer.source.next_batch(ctx)  # a data-free source synthesises first (a pool source: a whole round)
-    teacher = bare_teacher(trainer)
-    synthesis = synthesis_case(trainer, ctx, teacher)
-    return [*([synthesis] if synthesis is not None else []), student_case(trainer, batch, teacher)]
+    loop.state.step = loop.total_steps // 2
+    ctx = loop.context(loop.state.step // loop.steps_per_epoch)
+    batch = loop.source.next_batch(ctx)  # a data-free source synthesises first (a pool source: a whole round)
+    teacher = bare_teacher(loop)
+    synthesis = synthesis_case(loop, ctx, teacher)
+    return [*([synthesis] if synthesis is not None else []), student_case(loop, batch, teacher)]
 
 
-# --------------------------------------------------------------------------- entries and the table
+# --------------------------------------------------------------------------- entries and the command line
 
 
 def entries_of(targets: Sequence[str]) -> Iterator[SuiteEntry]:
@@ -316,19 +222,15 @@ def entries_of(targets: Sequence[str]) -> Iterator[SuiteEntry]:
             yield dataclasses.replace(entry, overrides=(*suite.overrides, *entry.overrides))
 
 
-def build_run(entry: SuiteEntry, overrides: Sequence[str], out: Path) -> Trainer:
-    """The entry's run in ``out``; a generator source synthesises on every step (``kd_steps=1``)."""
+def build_run(entry: SuiteEntry, overrides: Sequence[str], out: Path) -> Loop:
+    """The entry's components, built as its run builds them, with ``out`` as its run folder; a missing
+    teacher is trained first, into its own folder. A generator source synthesises on every step (``kd_steps=1``)."""
     layers = [*entry.overrides, *overrides, f"output_dir={out / entry.name}", "train.progress_bar=false"]
     cfg = load_config(entry.recipe, layers)
     if cfg.source is not None and "kd_steps" in cfg.source:
         cfg = load_config(entry.recipe, [*layers, "source.kd_steps=1"])
-    return Trainer(cfg)
-
-
-def format_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    train_missing_teacher(cfg)
+    return Loop(cfg, make_accelerator(cfg))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -377,12 +279,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="dfkd-speed-") as out:
         for number, entry in enumerate(entries, 1):
             print(f"speed: {entry.name} ({number}/{len(entries)})", file=sys.stderr, flush=True)
-            trainer = build_run(entry, overrides, Path(out))
-            if trainer.device.type != device:
-                raise RuntimeError(f"{entry.name} was built on {trainer.device}, not {device}: this process's "
+            loop = build_run(entry, overrides, Path(out))
+            if loop.device.type != device:
+                raise RuntimeError(f"{entry.name} was built on {loop.device}, not {device}: this process's "
                                    "accelerate state was made earlier for another device.")
-            rows += measure(entry.name, entry_cases(trainer), clock, args.steps, args.repeats)
-            del trainer
+            rows += measure(entry.name, entry_cases(loop), clock, args.steps, args.repeats)
+            del loop
             gc.collect()
     timing = "CUDA events" if args.cuda_events else "time.perf_counter"
     if device == "cuda" and not args.cuda_events:

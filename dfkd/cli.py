@@ -109,12 +109,14 @@ _LISTINGS = {
 
 
 def _train(recipe: str, overrides: Sequence[str], overwrite: bool = False) -> int:
-    from dfkd.config import load_config
+    from dfkd.recipe import load_config
 
     cfg = load_config(recipe, overrides)  # before torch is imported: a typo is reported in a moment
     _claim_output_dir(Path(cfg.output_dir), overwrite)
-    from dfkd.engine import Trainer
+    from dfkd.teacher import train_missing_teacher
+    from dfkd.trainer import Trainer
 
+    train_missing_teacher(cfg)  # its own run, before this one: "no teacher checkpoint at ...: training the teacher first"
     trainer = Trainer(cfg)
     summary = trainer.fit()
     if trainer.accelerator.is_main_process:
@@ -138,7 +140,7 @@ def _claim_output_dir(folder: Path, overwrite: bool) -> None:
             "add --overwrite (which deletes that run first), or choose another folder with output_dir=PATH."
         )
     if (folder / ".lock").is_file():  # never delete under a run that is still training
-        from dfkd.checkpoint import run_lock
+        from dfkd.lock import run_lock
 
         with run_lock(folder):
             pass
@@ -183,7 +185,7 @@ def _bench(suite: str, overrides: Sequence[str], output_dir: str | None) -> int:
 
 
 def _results(folders: Sequence[str], readme: str, images: str) -> int:
-    from dfkd.bench import update_readme
+    from dfkd.results import update_readme
 
     copied = update_readme(folders, readme, images)
     print(f"{readme}: results of {', '.join(folders)}; {len(copied)} plots in {images}")

@@ -4,11 +4,15 @@ A recipe is a YAML file checked against :class:`RunConfig`. Command-line
 arguments of the form ``key=value`` (dotted keys, YAML values) are merged on
 top. The engine owns the fixed sections (``data``, ``student``, ``teacher``,
 ``loss``, ``optim``, ``train``, ``eval``); pluggable parts are *component
-specs*, ``{name: <registry key>, **options}``, whose options are checked
-against the keyword-only parameters of the registered factory (see
-:func:`component_schema`). Either way an unknown key names itself and the
-closest valid key, and a value of the wrong type names the key, the expected
-type and the value given.
+specs*, ``{name: <registry key>, **options}`` (:mod:`dfkd.components`). Either
+way an unknown key names itself and the closest valid key, and a value of the
+wrong type names the key, the expected type and the value given
+(:mod:`dfkd.schema`).
+
+This module knows the schema only, never a registry: :func:`read_config`
+checks sections, keys, types and value ranges, and names the default
+components. Which names the registries hold, and each component's options, are
+checked by :func:`dfkd.recipe.load_config`, the loader to call.
 
 Recipes inherit with a top-level ``base`` key: a path, or a list of paths,
 each relative to the folder of the recipe that names it::
@@ -18,7 +22,7 @@ each relative to the folder of the recipe that names it::
     output_dir: runs/cifar10/cudfkd/resnet34_resnet18
     student: {arch: resnet18}
 
-:func:`load_config` merges the layers in this order: each base (its own bases
+:func:`read_config` merges the layers in this order: each base (its own bases
 first, recursively, and a list in its order), then the recipe itself, then the
 command-line overrides. Every layer merges like an override: a section's keys
 are updated one by one, and where a later layer names a different component
@@ -34,22 +38,18 @@ ever constructed from a recipe.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import os
-import types
-import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-import yaml
-from omegaconf import DictConfig, ListConfig, Node, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from dfkd.components import drop_renamed_components
 from dfkd.errors import ConfigError
-from dfkd.registry import Registry, close_matches
+from dfkd.schema import check_keys, config_error, merge_layer, parse_overrides, resolve_interpolations
 
 __all__ = [
     "DataConfig",
@@ -59,11 +59,9 @@ __all__ = [
     "TrainConfig",
     "EvalConfig",
     "RunConfig",
-    "load_config",
+    "read_config",
     "merge_config",
     "save_config",
-    "component_schema",
-    "check_component",
 ]
 
 
@@ -188,20 +186,21 @@ class RunConfig:
 BASE_KEY = "base"  # the top-level recipe key naming the recipes it inherits from
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load a recipe and its bases, apply ``key=value`` overrides, and validate the result.
+def read_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Read a recipe and its bases, apply ``key=value`` overrides, and check the result against the schema.
 
     Args:
         path: a YAML recipe, or ``None`` to start from the defaults.
         overrides: dotted ``key=value`` strings; values are parsed as YAML.
 
     Returns:
-        The validated config, typed by :class:`RunConfig`, with every
-        component spec filled in with its defaults.
+        The config, typed by :class:`RunConfig`, with the default components
+        named. Registry names and component options are not checked here:
+        :func:`dfkd.recipe.load_config` reads a recipe with this, then checks those.
 
     Raises:
         ConfigError: on a missing file or base, a cycle of bases, bad YAML, an
-            unknown key or a wrong type.
+            unknown key, a wrong type or a value out of range.
     """
     layers: list[Any] = []
     if path is not None:
@@ -209,7 +208,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} does not exist (looked at {path.resolve()}).")
         layers.extend(_recipe_layers(path, ()))
-    cli = _parse_overrides(overrides)
+    cli = parse_overrides(overrides)
     if BASE_KEY in cli:
         raise ConfigError(
             f"{BASE_KEY!r} cannot be set on the command line: bases are resolved when a recipe file is read. "
@@ -227,7 +226,7 @@ def _read_recipe(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except OmegaConfBaseException as exc:  # a grammar error, as in a bad interpolation: named by its key
-        raise ConfigError(f"recipe {str(path)!r}: {_translate(exc)}") from None
+        raise ConfigError(f"recipe {str(path)!r}: {config_error(exc)}") from None
     except Exception as exc:  # yaml.YAMLError
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(loaded, DictConfig):
@@ -268,7 +267,11 @@ def _recipe_layers(path: Path, chain: tuple[Path, ...]) -> list[dict[str, Any]]:
 
 
 def merge_config(*layers: Any) -> DictConfig:
-    """Merge plain dicts or DictConfigs onto the :class:`RunConfig` schema, validating each key."""
+    """Merge plain dicts or DictConfigs onto the :class:`RunConfig` schema, validating each key and value.
+
+    Like :func:`read_config`, this checks the schema only; :func:`dfkd.recipe.check_recipe`
+    checks the result against the registries.
+    """
     cfg = OmegaConf.structured(RunConfig)
     for layer in layers:
         container = OmegaConf.to_container(layer) if isinstance(layer, (DictConfig, ListConfig)) else layer
@@ -277,93 +280,16 @@ def merge_config(*layers: Any) -> DictConfig:
                 f"{BASE_KEY!r} names recipes to inherit from and is resolved only when load_config reads a "
                 "recipe file; it cannot be merged as a config section."
             )
-        _check_keys(container, RunConfig, "")
+        check_keys(container, RunConfig)
         try:
-            _drop_renamed_components(cfg, container)
+            drop_renamed_components(cfg, container)
         except OmegaConfBaseException as exc:
-            raise _translate(exc) from None
-        cfg = _merge(cfg, container)
-    _resolve(cfg)
-    _check_components(cfg)
+            raise config_error(exc) from None
+        cfg = merge_layer(cfg, container)
+    resolve_interpolations(cfg)
+    _complete(cfg)
+    _check_values(cfg)
     return cfg
-
-
-def _merge(cfg: DictConfig, layer: Any, prefix: str = "") -> DictConfig:
-    """``OmegaConf.merge(cfg, layer)``, with its errors turned into a :class:`ConfigError` that names the key."""
-    try:
-        return OmegaConf.merge(cfg, layer)
-    except OmegaConfBaseException as exc:
-        raise _translate(exc, prefix) from None
-    except TypeError:  # OmegaConf refuses a mapping over a list, or a list over a mapping, with a bare TypeError
-        clash = _container_clash(cfg, layer, prefix)
-        if clash is None:
-            raise
-        raise ConfigError(clash) from None
-
-
-def _container_clash(node: Any, layer: Any, prefix: str = "") -> str | None:
-    """Where ``layer`` puts a mapping over a list node, or a list over a mapping node: a message naming the key.
-
-    Nodes, not values, because a typed node that holds null (``data.mean``) still takes only its own kind.
-    """
-    if OmegaConf.is_dict(node) and isinstance(layer, Mapping):
-        if node._is_none():  # a null mapping takes any mapping
-            return None
-        for key, value in layer.items():
-            clash = _container_clash(node._get_node(key), value, f"{prefix}{key}.")
-            if clash is not None:
-                return clash
-        return None
-    if OmegaConf.is_dict(node) and isinstance(layer, Sequence) and not isinstance(layer, str):  # a list, plain or not
-        return f"config key {prefix[:-1]!r} holds a mapping, got {layer!r}."
-    if OmegaConf.is_config(node) and isinstance(node, Sequence) and isinstance(layer, Mapping):  # a list or a tuple
-        return f"config key {prefix[:-1]!r} holds a list, got {layer!r}."
-    return None
-
-
-def _resolve(cfg: DictConfig) -> None:
-    """Resolve every interpolation in place, once: a bad one fails here, named by its key."""
-    for key, value in _strings(OmegaConf.to_container(cfg)):
-        if "${" in value:
-            try:
-                OmegaConf.select(cfg, key, throw_on_resolution_failure=True, throw_on_missing=True)
-            except OmegaConfBaseException as exc:
-                reason = str(exc).splitlines()[0]
-                raise ConfigError(f"config key {key!r}: {value!r} does not resolve: {reason}.") from None
-    OmegaConf.resolve(cfg)
-    for key, value in _strings(OmegaConf.to_container(cfg)):
-        if "${" in value:  # an escaped interpolation resolves to one, which the saved config would read back as such
-            raise ConfigError(f"config key {key!r} resolves to {value!r}; a recipe cannot hold a literal '${{'.")
-
-
-def _strings(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """Every string value of a nested plain config, with its dotted key (list items as ``key[i]``)."""
-    if isinstance(tree, str):
-        yield prefix, tree
-    elif isinstance(tree, Mapping):
-        for key, value in tree.items():
-            yield from _strings(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(tree, list):
-        for i, value in enumerate(tree):
-            yield from _strings(value, f"{prefix}[{i}]")
-
-
-def _drop_renamed_components(cfg: DictConfig, layer: Mapping[str, Any]) -> None:
-    """Where ``layer`` names a different component than ``cfg`` holds, clear the old spec first.
-
-    A component's options belong to that component: ``weighting.name=uniform``
-    over a recipe's ``{name: log, threshold: ...}`` must replace the spec, not
-    merge into it and leave ``threshold`` behind.
-    """
-    for key, value in layer.items():
-        if not isinstance(value, Mapping) or not isinstance(cfg.get(key), DictConfig):
-            continue
-        current = cfg[key]
-        is_component = OmegaConf.get_type(current) is dict  # typed sections (data, optim, ...) are never replaced
-        if is_component and "name" in value and "name" in current and value["name"] != current["name"]:
-            cfg[key] = None
-        else:
-            _drop_renamed_components(current, value)
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
@@ -371,177 +297,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    cli = OmegaConf.create()
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10).")
-        try:
-            cli.merge_with_dotlist([item])
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(
-                f"override {item!r}: the value is not valid YAML ({problem}); quote it to pass a string."
-            ) from None
-        except (OmegaConfBaseException, ValueError, TypeError) as exc:  # e.g. a key into a list an earlier override set
-            raise ConfigError(f"override {item!r} cannot be applied: {str(exc).splitlines()[0]}") from None
-    return cli
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _schema_fields(schema: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(schema)}
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _check_keys(data: Any, schema: type, prefix: str) -> None:
-    """Reject keys that are not fields of ``schema``, recursively, suggesting the closest."""
-    if not isinstance(data, Mapping):
-        return
-    hints = typing.get_type_hints(schema)
-    fields = _schema_fields(schema)
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(_unknown_key_message(full, str(key), list(fields)))
-        sub = _unwrap_optional(hints[key])
-        if dataclasses.is_dataclass(sub):
-            optional = sub is not hints[key]
-            if not isinstance(value, Mapping) and not (value is None and optional):
-                raise ConfigError(
-                    f"config key {full!r} is a section: a mapping of {', '.join(_schema_fields(sub))}; got {value!r}."
-                )
-            _check_keys(value, sub, f"{full}.")
-
-
-def _unknown_key_message(full_key: str, key: str, valid: list[str]) -> str:
-    close = close_matches(key, valid)
-    parent = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
-    hint = f" Did you mean {' or '.join(repr(parent + c) for c in close)}?" if close else ""
-    where = f"section {parent[:-1]!r}" if parent else "a recipe"
-    listing = f"Valid keys in {where}: {', '.join(sorted(valid))}." if valid else f"Section {parent[:-1]!r} takes no keys here."
-    return f"unknown config key {full_key!r}.{hint} {listing}"
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _translate(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
-    """Turn an OmegaConf error into a one-paragraph :class:`ConfigError`."""
-    full_key = prefix + (getattr(exc, "full_key", None) or str(getattr(exc, "key", "") or "?"))
-    if isinstance(exc, ConfigKeyError):
-        return ConfigError(f"unknown config key {full_key!r}. {str(exc).splitlines()[0]}")
-    if isinstance(exc, ValidationError):
-        expected = _expected_type(exc)
-        value = getattr(exc, "value", None)
-        if isinstance(value, Node):  # a null assigned to a field that is not Optional
-            value = value._value()
-        return ConfigError(
-            f"config key {full_key!r} expects {expected}, got {value!r} ({type(value).__name__})."
-        )
-    return ConfigError(f"invalid config at {full_key!r}: {str(exc).splitlines()[0]}")
-
-
-def _expected_type(exc: ValidationError) -> str:
-    obj_type = getattr(exc, "object_type", None)
-    key = getattr(exc, "key", None)
-    if obj_type is not None and dataclasses.is_dataclass(obj_type) and key is not None:
-        hints = typing.get_type_hints(obj_type)
-        if key in hints:
-            return _type_name(hints[key])
-    message = str(exc).splitlines()[0]
-    if "is not Optional" in message:
-        return "a value, not null"
-    for marker in ("converted to ", "is not a subclass of ", "field of type "):  # a scalar, a list item, a dict value
-        if marker in message:
-            return message.split(marker)[-1].split(". value:")[0].strip("'")
-    return "another type"
-
-
-# --------------------------------------------------------------------------- component specs
-
-
-def component_schema(factory: Callable[..., Any], reserved: Sequence[str] = ()) -> type:
-    """A dataclass of ``factory``'s keyword-only parameters: the options a recipe may set.
-
-    Positional parameters are what the engine injects (a dataset, a model);
-    keyword-only parameters, with their annotations and defaults, are the
-    component's recipe options, except the ``reserved`` ones the engine sets
-    itself (a generator's image size, say).
-    """
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    hints = typing.get_type_hints(target)
-    specs = []
-    for param in inspect.signature(target).parameters.values():
-        if param.kind is not inspect.Parameter.KEYWORD_ONLY or param.name in reserved:
-            continue
-        tp = hints.get(param.name, Any)
-        default = param.default
-        if default is inspect.Parameter.empty:
-            specs.append((param.name, tp))
-        elif isinstance(default, (list, dict, tuple)):
-            specs.append((param.name, tp, field(default_factory=lambda d=default: list(d) if isinstance(d, tuple) else d.copy())))
-        else:
-            specs.append((param.name, tp, field(default=default)))
-    name = getattr(factory, "__name__", "component")
-    return dataclasses.make_dataclass(f"{name}_options", specs)
-
-
-def check_component(registry: Registry, spec: Any, path: str, reserved: Sequence[str] = ()) -> DictConfig:
-    """Validate a ``{name: ..., **options}`` spec against ``registry``; return it with defaults filled in.
-
-    ``reserved`` options are set by the engine and may not appear in the spec. A
-    component that defines ``check_options(options)`` has its values checked too:
-    it raises a ``ValueError`` whose message starts with the option's name
-    (``"kd_steps must be at least 1, got 0"``), reported under ``path``.
-    """
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, Mapping) or "name" not in spec:
-        raise ConfigError(f"{path!r} must be a mapping with a 'name' key from the {registry.name} registry, got {spec!r}.")
-    options = {k: v for k, v in spec.items() if k != "name"}
-    name = spec["name"]
-    if not isinstance(name, str) or name not in registry:
-        raise ConfigError(f"{path}.name: {registry.unknown_message(name)}")
-    schema = component_schema(registry.get(name), reserved)
-    valid = [f.name for f in dataclasses.fields(schema)]
-    for key in options:
-        if key in reserved:
-            raise ConfigError(
-                f"{path}.{key} is not a recipe option of {registry.name} {name!r}: the engine sets it from the "
-                "dataset. Remove it (to synthesise at another image size, set data.image_size)."
-            )
-        if key not in valid:  # every unknown key is named: with `name` misspelt, the default component rejects them all
-            also = [repr(f"{path}.{k}") for k in options if k not in valid and k not in reserved and k != key]
-            raise ConfigError(
-                _unknown_key_message(f"{path}.{key}", key, valid) + f" ({registry.name} {name!r})"
-                + (f" Also unknown: {', '.join(also)}." if also else "")
-            )
-    merged = _merge(OmegaConf.structured(schema), options, prefix=f"{path}.")
-    missing = OmegaConf.missing_keys(merged)
-    if missing:
-        raise ConfigError(f"{path}: {registry.name} {name!r} needs {', '.join(sorted(missing))}.")
-    checked = OmegaConf.to_container(merged)
-    check_options = getattr(registry.get(name), "check_options", None)
-    if check_options is not None:  # value ranges, checked before anything is built (a teacher trained)
-        try:
-            check_options(checked)
-        except ValueError as exc:
-            raise ConfigError(f"{path}.{exc}.") from None
-    return OmegaConf.create({"name": name, **checked})
-
+# --------------------------------------------------------------------------- required keys, defaults and ranges
 
 # Component specs are replaced, not merged, by a recipe: their defaults are filled in only where
 # the merged config leaves them unset (a schema default would otherwise merge into the recipe's
@@ -555,8 +311,8 @@ _COMPONENT_DEFAULTS = {
 }
 
 
-def _check_components(cfg: DictConfig) -> None:
-    """Check every registry name and component spec, so a typo fails before any work starts."""
+def _complete(cfg: DictConfig) -> None:
+    """Fail on a required key left unset; name the default component of each spec the recipe leaves out."""
     missing = sorted(OmegaConf.missing_keys(cfg))  # '???': the schema's student.arch, or a value a recipe left to set
     if missing:
         if missing[0].endswith(".arch"):
@@ -568,32 +324,10 @@ def _check_components(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, default, merge=False)
         elif "name" in default and isinstance(current, DictConfig) and "name" not in current:
             OmegaConf.update(cfg, key, {**default, **OmegaConf.to_container(current)}, merge=False)
-    from dfkd.data import DATASETS
-    from dfkd.losses import STUDENT_LOSSES
-    from dfkd.models import list_models
-    from dfkd.optim import OPTIMIZERS
-    from dfkd.policies.schedules import SCHEDULES
-    from dfkd.policies.temperature import TEMPERATURES, build_temperature
-    from dfkd.policies.weighting import WEIGHTINGS, build_weighting
-    from dfkd.sources import SOURCES
-    from dfkd.synthesis import check_synthesizer
 
-    if cfg.data.name not in DATASETS:
-        raise ConfigError(f"data.name: {DATASETS.unknown_message(cfg.data.name)}")
-    for role in ("student", "teacher"):
-        model = cfg[role]
-        if model is None:
-            continue
-        names = list_models()
-        if model.arch not in names:
-            close = close_matches(model.arch, names)
-            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(f"{role}.arch: the model zoo has no {model.arch!r}.{hint} See `dfkd list models`.")
-    for term in cfg.loss.terms:
-        if term not in STUDENT_LOSSES:
-            raise ConfigError(f"loss.terms: {STUDENT_LOSSES.unknown_message(term)}")
-    if cfg.optim.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name: {OPTIMIZERS.unknown_message(cfg.optim.name)}")
+
+def _check_values(cfg: DictConfig) -> None:
+    """Check the ranges of the engine's own settings."""
     if cfg.train.mixed_precision == "False":  # YAML reads a bare `no` (train.mixed_precision=no) as false
         cfg.train.mixed_precision = "no"
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
@@ -608,15 +342,3 @@ def _check_components(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be at least {low}, got {OmegaConf.select(cfg, key)}.")
     if cfg.train.time_budget_s is not None and cfg.train.time_budget_s <= 0:
         raise ConfigError(f"train.time_budget_s must be positive (seconds), or null; got {cfg.train.time_budget_s}.")
-    cfg.optim.schedule = check_component(SCHEDULES, cfg.optim.schedule, "optim.schedule")
-    cfg.source = check_component(SOURCES, cfg.source, "source")
-    if cfg.source.get("curriculum") is not None:
-        from dfkd.curricula import CURRICULA
-
-        cfg.source.curriculum = check_component(CURRICULA, cfg.source.curriculum, "source.curriculum")
-    cfg.weighting = check_component(WEIGHTINGS, cfg.weighting, "weighting")
-    build_weighting(cfg.weighting)  # also checks the nested threshold schedule
-    cfg.temperature = check_component(TEMPERATURES, cfg.temperature, "temperature")
-    build_temperature(cfg.temperature, cfg.loss.temperature, num_classes=2)  # also checks its ranges
-    if cfg.synthesizer is not None:
-        cfg.synthesizer = check_synthesizer(cfg.synthesizer)

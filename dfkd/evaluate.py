@@ -1,17 +1,72 @@
-"""``dfkd eval``: metrics of a checkpoint on a dataset's test split, optionally against a teacher."""
+"""Metrics on a test split: :func:`evaluate` for a run's evaluations, and ``dfkd eval`` for a checkpoint."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dfkd.config import load_config
-from dfkd.data import build_dataset
-from dfkd.engine import build_eval_loader, build_model, build_normalize, evaluate, make_accelerator
-from dfkd.errors import ConfigError
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-__all__ = ["run_eval"]
+from dfkd.build import build_eval_loader, build_model, build_normalize, make_accelerator
+from dfkd.data import build_dataset
+from dfkd.data.transforms import to_unit
+from dfkd.errors import ConfigError
+from dfkd.metrics import per_sample_metrics, summarize
+from dfkd.recipe import load_config
+
+__all__ = ["evaluate", "run_eval"]
+
+
+@torch.no_grad()
+def evaluate(
+    student: nn.Module,
+    loader: DataLoader,
+    normalize: nn.Module,
+    accelerator: Accelerator,
+    teacher: nn.Module | None = None,
+    *,
+    per_sample: bool = False,
+    teacher_cache: list[Tensor] | None = None,
+) -> dict[str, Any]:
+    """Acc@1/5, and against a teacher Agree@1, loyalty and loyalty_ref, over every test sample once.
+
+    Args:
+        loader: a loader prepared by ``accelerator`` yielding ``(uint8 images, labels)``.
+        per_sample: also return the gathered per-sample values under ``"per_sample"``.
+        teacher_cache: the frozen teacher's logits per batch of ``loader``, which must yield the
+            same batches in the same order every time. An empty list is filled on the first call
+            and later calls read it instead of running the teacher again.
+    """
+    was_training = student.training
+    student.eval()
+    chunks: dict[str, list[Tensor]] = defaultdict(list)
+    cached = len(teacher_cache) if teacher_cache is not None else 0
+    for index, (images, labels) in enumerate(loader):
+        x = normalize(to_unit(images))
+        with accelerator.autocast():
+            s_logits = student(x)
+            if teacher is None:
+                t_logits = None
+            elif index < cached:
+                t_logits = teacher_cache[index]
+            else:
+                t_logits = teacher(x)
+                if teacher_cache is not None:
+                    teacher_cache.append(t_logits)
+        values = per_sample_metrics(s_logits.float(), labels, None if t_logits is None else t_logits.float())
+        for name, value in accelerator.gather_for_metrics(values).items():
+            chunks[name].append(value)
+    student.train(was_training)
+    gathered = {name: torch.cat(parts) for name, parts in chunks.items()}
+    result: dict[str, Any] = summarize(gathered)
+    if per_sample:
+        result["per_sample"] = {k: v.cpu() for k, v in gathered.items()}
+    return result
 
 
 def run_eval(recipe: str | None, overrides: Sequence[str]) -> tuple[dict[str, Any], bool]:

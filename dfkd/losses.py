@@ -22,7 +22,7 @@ from dfkd.errors import ConfigError
 from dfkd.registry import Registry
 from generators.divergences import kl_div, l1_logits, upcast
 
-__all__ = ["LossInputs", "StudentTerm", "STUDENT_LOSSES", "StudentLoss"]
+__all__ = ["LossInputs", "StudentTerm", "STUDENT_LOSSES", "StudentLoss", "check_loss_terms"]
 
 
 @dataclass
@@ -66,6 +66,17 @@ def _l1(i: LossInputs) -> Tensor:
 STUDENT_LOSSES.register("ce", StudentTerm(_cross_entropy, needs_teacher=False, needs_labels=True))
 STUDENT_LOSSES.register("kd", StudentTerm(_kd, needs_teacher=True, needs_labels=False))
 STUDENT_LOSSES.register("l1", StudentTerm(_l1, needs_teacher=True, needs_labels=False))
+
+
+def check_loss_terms(terms: Mapping[str, float]) -> None:
+    """Check the names of a recipe's ``loss.terms`` (term -> weight) against :data:`STUDENT_LOSSES`.
+
+    Raises:
+        ConfigError: naming the first unknown term and its close matches.
+    """
+    for term in terms:
+        if term not in STUDENT_LOSSES:
+            raise ConfigError(f"loss.terms: {STUDENT_LOSSES.unknown_message(term)}")
 
 
 class StudentLoss:

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules built from a recipe's ``optim`` section."""
+"""Optimisers and learning-rate schedules built from a recipe's ``optim`` section, and its check."""
 
 from __future__ import annotations
 
@@ -8,15 +8,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dfkd.components import check_component
+from dfkd.errors import ConfigError
 from dfkd.policies.schedules import SCHEDULES, Schedule
 from dfkd.registry import Registry
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "build_lr_scheduler", "lr_factor"]
+__all__ = ["OPTIMIZERS", "check_optim", "build_optimizer", "build_lr_scheduler", "lr_factor"]
 
 OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry("optimizers")
 OPTIMIZERS.register("sgd", torch.optim.SGD)
 OPTIMIZERS.register("adam", torch.optim.Adam)
 OPTIMIZERS.register("adamw", torch.optim.AdamW)
+
+
+def check_optim(section: DictConfig) -> None:
+    """Check a recipe's ``optim`` section: the optimiser's name, and its schedule, whose defaults it fills in.
+
+    Raises:
+        ConfigError: an unknown optimiser, or a schedule its registry refuses.
+    """
+    if section.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name: {OPTIMIZERS.unknown_message(section.name)}")
+    section.schedule = check_component(SCHEDULES, section.schedule, "optim.schedule")
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:

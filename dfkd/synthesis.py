@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dfkd.config import check_component
+from dfkd.components import check_component
 from dfkd.data import DATASETS
 from dfkd.errors import ConfigError
 from dfkd.policies.schedules import Schedule, build_schedule

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfkd.checkpoint import atomic_write_bytes
+from dfkd.files import atomic_write_bytes
 
 __all__ = ["Meter", "RunLogger", "Stopwatch"]
 

@@ -232,13 +232,7 @@ class LargeGenerator(UpsamplingGenerator):
     Widths ``4ngf, 2ngf, ngf`` over two ×2 stages, sigmoid output: CMI's
     generator with a twice-as-wide projection. That code builds it with
     ``nz=256, ngf=64`` (``nz=512`` for DAFL) and keeps PyTorch's default
-    initialisation, as here.
-
-    Args:
-        image_size: Output side, a multiple of 4.
-        channels: Output channels.
-        nz: Latent size.
-        ngf: Base width.
+    initialisation, as here. Its arguments are :class:`DCGANGenerator`'s.
     """
 
     output_range = "unit"

@@ -43,14 +43,14 @@ def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch):
     The run's folder then holds exactly what a process killed at that moment
     leaves behind, for a ``train.resume=auto`` run to continue from.
     """
-    from dfkd.engine import Trainer
+    from dfkd.trainer import Trainer
 
     original = Trainer._save_checkpoint
 
     def crash(cfg, epoch: int) -> None:
         def save_then_die(self):
             path = original(self)
-            if self.state.epoch == epoch:
+            if self.loop.state.epoch == epoch:
                 raise KeyboardInterrupt("simulated crash")
             return path
 
@@ -68,7 +68,7 @@ def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch):
 def resnet8_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random ResNet-8 for ten classes, saved as safetensors: a teacher with the BatchNorm layers that the
     ``bn`` and ``contrastive`` terms hook, for tests where what it predicts does not matter."""
-    from dfkd.checkpoint import save_model
+    from dfkd.weights import save_model
     from dfkd.models import create_model
 
     torch.manual_seed(0)

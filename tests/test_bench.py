@@ -20,9 +20,9 @@ from dfkd.bench import load_suite, plan_runs
 from dfkd.errors import ConfigError
 from dfkd.tables import accuracy_table, load_paper_numbers, stability_table
 from dfkd.time_to_accuracy import time_to, time_to_accuracy_table
-from dfkd.config import load_config
 from dfkd.cli import main
-from dfkd.engine import Trainer
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -251,7 +251,7 @@ def test_results_fill_the_readme_section_and_copy_the_plots(finished, tmp_path, 
     assert text.startswith("# dfkd\n\n## Results\n<!-- results: start -->\n") and text.endswith("<!-- results: end -->\n\n## Next\n")
     assert "old" not in text and f"### {out.name}" in text and "| T.Scratch |" in text
     link = f"docs/results/{out.name}/schedules_cudfkd.png"
-    assert f"](" + link + ")" in text and (tmp_path / link).is_file()
+    assert f"]({link})" in text and (tmp_path / link).is_file()
     assert main(["results", str(out), "--readme", str(readme), "--images", str(tmp_path / "docs" / "results")]) == 0
     assert readme.read_text() == text, "filling it again changes nothing"
 
@@ -311,7 +311,7 @@ def test_every_shipped_suite_validates(name, tmp_path):
 
 
 def test_a_run_locked_by_another_bench_is_left_to_it(tmp_path, teacher_override, capsys):
-    from dfkd.checkpoint import run_lock
+    from dfkd.lock import run_lock
 
     with run_lock(tmp_path / "kd" / "seed0"):  # as a second `dfkd bench` of the suite holds it while it trains
         assert _bench(tmp_path, teacher_override) == 0

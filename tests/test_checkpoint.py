@@ -9,15 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.checkpoint import (
-    CheckpointManager,
-    load_state_dict_file,
-    load_weights,
-    read_model_metadata,
-    save_model,
-    verify_checkpoint,
-)
+from dfkd.checkpoint import CheckpointManager, verify_checkpoint
 from dfkd.errors import CheckpointError
+from dfkd.weights import load_state_dict_file, load_weights, read_model_metadata, save_model
 
 
 def _net(classes: int = 3) -> nn.Module:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfkd.checkpoint import save_model
 from dfkd.cli import main
 from dfkd.models import create_model
+from dfkd.weights import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dfkd.config import check_component, load_config, merge_config, save_config
+from dfkd.components import check_component
+from dfkd.config import merge_config, save_config
 from dfkd.errors import ConfigError
 from dfkd.policies.schedules import SCHEDULES
+from dfkd.recipe import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipes/methods/ holds partial recipes (a method's composition and defaults) that complete recipes

@@ -2,7 +2,7 @@
 
 Each example resolves a real recipe and mutates it: a value replaced by one of any type, a key
 misspelt or added at any depth, a key deleted, or several of these at once. The mutations reach
-:func:`dfkd.config.load_config` as command-line overrides, as a recipe file that inherits the real
+:func:`dfkd.recipe.load_config` as command-line overrides, as a recipe file that inherits the real
 one with ``base:``, or as a full dump of the mutated config. Whatever the input, ``load_config``
 either returns a config that :func:`dfkd.config.save_config` writes and ``load_config`` reads back
 unchanged, or raises one of :data:`dfkd.errors.USER_ERRORS` with a one-paragraph message; a
@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 
-from dfkd.config import load_config, save_config
+from dfkd.config import save_config
 from dfkd.errors import USER_ERRORS
+from dfkd.recipe import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [ROOT / "recipes" / name for name in (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,12 +12,12 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
-from dfkd.config import load_config
 from dfkd.curricula import CURRICULA, DCD, SLKD, TC3KD, Scorer, Scores, easiest_per_class, window_per_class
 from dfkd.data import TensorImageDataset
 from dfkd.data.transforms import Normalize, to_unit
-from dfkd.engine import Trainer
 from dfkd.errors import ConfigError
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
 from generators.divergences import kl_div
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -353,7 +352,7 @@ def _kd_cfg(out: Path, teacher: Path, curriculum: str, *extra: str):
 
 def test_a_dcd_run_logs_its_curriculum_to_tensorboard(tmp_path, tiny_teacher):
     trainer = Trainer(_kd_cfg(tmp_path / "run", tiny_teacher, "dcd"))
-    assert trainer.steps_per_epoch == 378 // 35, "an epoch is one pass of the training pool (Val held out)"
+    assert trainer.loop.steps_per_epoch == 378 // 35, "an epoch is one pass of the training pool (Val held out)"
     trainer.fit()
     events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
@@ -376,7 +375,7 @@ def test_a_curriculum_run_resumes_exactly(tmp_path, tiny_teacher, crash_after_ch
     assert summary["final_acc1"] == straight["final_acc1"]
     a, b = load_file(tmp_path / "straight" / "student.safetensors"), load_file(tmp_path / "crashy" / "student.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run ends with the same weights"
-    assert len(resumed.source.active) == len(resumed.source.pool)
+    assert len(resumed.loop.source.active) == len(resumed.loop.source.pool)
 
 
 def test_curriculum_options_are_checked_with_the_recipe():

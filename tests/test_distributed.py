@@ -20,11 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from dfkd.config import load_config
 from dfkd.data.transforms import Normalize
-from dfkd.engine import Trainer, evaluate
+from dfkd.evaluate import evaluate
 from dfkd.models import create_model, penultimate_module
+from dfkd.recipe import load_config
 from dfkd.synthesis import build_synthesizer
+from dfkd.trainer import Trainer
 from generators.parallel import world_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, resnet8_teacher):
     # reproduces the two-process metrics exactly (a padded duplicate would shift acc1 by 1/101).
     cfg = load_config(None, [*kd, f"output_dir={tmp_path / 'check'}", f"student.checkpoint={tmp_path / 'two' / 'student.safetensors'}"])
     trainer = Trainer(cfg)
-    again = evaluate(trainer.student, trainer.eval_loader, trainer.normalize, trainer.accelerator, trainer.teacher)
+    again = evaluate(trainer.loop.student, trainer.loop.eval_loader, trainer.loop.normalize, trainer.accelerator, trainer.loop.teacher)
     for name in ("acc1", "acc5", "agree1", "loyalty"):
         assert again[name] == pytest.approx(two[f"final_{name}"], abs=1e-6), name
     for name in ("acc1", "agree1"):

@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfkd.checkpoint import read_model_metadata
-from dfkd.config import load_config
-from dfkd.engine import Trainer, evaluate
+from dfkd.errors import ConfigError
+from dfkd.evaluate import evaluate
 from dfkd.metrics import HISTOGRAM_BINS
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
+from dfkd.weights import read_model_metadata
 
 TINY = [
     "student.arch=lenet5_half",
@@ -86,9 +88,9 @@ def test_evaluation_runs_the_frozen_teacher_once_and_reuses_its_logits(tmp_path)
         "loss.terms={kd: 1.0}",
     ))
     calls = []
-    trainer.teacher.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    trainer.loop.teacher.register_forward_hook(lambda module, args, out: calls.append(len(out)))
     cache: list[torch.Tensor] = []
-    args = (trainer.student, trainer.eval_loader, trainer.normalize, trainer.accelerator, trainer.teacher)
+    args = (trainer.loop.student, trainer.loop.eval_loader, trainer.loop.normalize, trainer.accelerator, trainer.loop.teacher)
     first = evaluate(*args, teacher_cache=cache)
     assert calls == [64, 64] and len(cache) == 2  # 128 test images in batches of 64
     second = evaluate(*args, teacher_cache=cache)
@@ -119,7 +121,7 @@ def test_metrics_jsonl_holds_exactly_the_evaluations_of_the_checkpointed_run(tmp
     """A crash between an evaluation and its checkpoint re-runs that epoch; its line is not doubled."""
     original = Trainer._save_checkpoint
     def crash_before_the_last_checkpoint(self):
-        if self.state.epoch == 3:
+        if self.loop.state.epoch == 3:
             raise KeyboardInterrupt("simulated crash")
         return original(self)
     monkeypatch.setattr(Trainer, "_save_checkpoint", crash_before_the_last_checkpoint)
@@ -142,14 +144,12 @@ def test_lr_follows_the_schedule(tmp_path):
     trainer = Trainer(_cfg(tmp_path, "optim.schedule={name: multistep, milestones: [1, 2]}", "optim.lr=1.0"))
     trainer.fit()
     # 12 steps taken: epoch 3 (steps 8-11) ran at lr 1.0 * 0.1^2; the scheduler now sits at step 12.
-    assert math.isclose(trainer.scheduler.get_last_lr()[0], 0.01, rel_tol=1e-9)
+    assert math.isclose(trainer.loop.scheduler.get_last_lr()[0], 0.01, rel_tol=1e-9)
 
 
-def test_a_missing_teacher_is_trained_on_this_runs_data_root(tmp_path, monkeypatch):
-    import dfkd.engine as engine
+def test_a_missing_teacher_is_trained_on_this_runs_data_root(tmp_path):
+    from dfkd.teacher import teacher_run
 
-    trained = []
-    monkeypatch.setattr(engine, "Trainer", lambda cfg, phase=None: trained.append(cfg) or type("T", (), {"fit": lambda self: {}})())
     recipe = tmp_path / "teacher.yaml"
     recipe.write_text("student: {arch: lenet5}\ndata: {name: mnist, root: data}\n")
     for run_dataset, expected_root in (("mnist", "../shared/datasets"), ("fashion_mnist", "data")):
@@ -157,15 +157,28 @@ def test_a_missing_teacher_is_trained_on_this_runs_data_root(tmp_path, monkeypat
             f"data.name={run_dataset}", "data.root=../shared/datasets", "student.arch=lenet5_half", "teacher.arch=lenet5",
             f"teacher.checkpoint={tmp_path / run_dataset / 'student.safetensors'}", f"teacher.recipe={recipe}",
         ])
-        engine.ensure_teacher(cfg)
-        assert trained[-1].data.root == expected_root, "another dataset keeps the teacher recipe's own root"
-        assert trained[-1].output_dir == str(tmp_path / run_dataset)
+        teacher_cfg = teacher_run(cfg)
+        assert teacher_cfg.data.root == expected_root, "another dataset keeps the teacher recipe's own root"
+        assert teacher_cfg.output_dir == str(tmp_path / run_dataset)
+        assert teacher_cfg.train.resume == "auto", "an interrupted teacher run resumes"
+
+
+def test_building_a_run_never_trains_its_missing_teacher(tmp_path):
+    """The teacher phase is the caller's (dfkd train, dfkd bench): a Trainer only says what to run."""
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text("student: {arch: lenet5}\ndata: {name: mnist, root: data}\n")
+    checkpoint = tmp_path / "teacher" / "student.safetensors"
+    cfg = _cfg(tmp_path, "teacher.arch=resnet8", f"teacher.checkpoint={checkpoint}", f"teacher.recipe={recipe}")
+    with pytest.raises(ConfigError, match="train_missing_teacher") as error:
+        Trainer(cfg)
+    assert str(checkpoint) in str(error.value) and str(recipe) in str(error.value)
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "run").exists(), "nothing was trained or made"
 
 
 def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path):
     import multiprocessing
 
-    from dfkd.checkpoint import run_lock
+    from dfkd.lock import run_lock
     from dfkd.errors import RunLockedError
 
     folder = tmp_path / "run"
@@ -181,7 +194,7 @@ def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path):
 
 
 def _try_lock(folder: str) -> None:
-    from dfkd.checkpoint import run_lock
+    from dfkd.lock import run_lock
     from dfkd.errors import RunLockedError
 
     try:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dfkd.config import load_config
-from dfkd.engine import Trainer
 from dfkd.errors import ConfigError
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
 from generators.meta import FastMetaSynthesizer
 from generators.networks import DCGANGenerator
 from generators.synthesizers import eval_mode
@@ -250,7 +250,7 @@ def test_fast_trains_a_student_from_its_pool_with_warmup_rounds_first(tmp_path, 
     ])
     trainer = Trainer(cfg)
     summary = trainer.fit()
-    source = trainer.source
+    source = trainer.loop.source
     # two warm-up rounds, then a round at steps 0 and 3: four rounds of 8 kept images
     assert len(source.pool) == 32 and source.synthesizer.rounds == 4
     assert summary["steps"] == 6 and 0 <= summary["final_agree1"] <= 100
@@ -272,7 +272,7 @@ def test_the_bn_term_on_a_teacher_without_batch_norm_is_a_clear_error(tmp_path):
         f"output_dir={tmp_path / 'run'}", "data.name=procedural", "data.test_samples=32", "data.num_workers=0",
         "teacher.recipe=null", f"teacher.checkpoint={tmp_path / 'lenet5.safetensors'}", "synthesizer.terms.bn=1.0",
     ])
-    from dfkd.checkpoint import save_model
+    from dfkd.weights import save_model
     from dfkd.models import create_model
 
     save_model(create_model("lenet5", num_classes=10, in_channels=3), tmp_path / "lenet5.safetensors", {"arch": "lenet5"})

@@ -10,9 +10,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dfkd.config import load_config
-from dfkd.engine import Trainer
+from dfkd.engine import Loop
 from dfkd.errors import NonFiniteLossError
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +40,7 @@ def _cfg(tmp_path: Path, *extra: str):
 def poison(monkeypatch: pytest.MonkeyPatch):
     """``poison(at, times)``: after the student step with index ``at``, set a student weight to NaN,
     the first ``times`` times the loop gets there (a transient blow-up, or a persistent one)."""
-    original = Trainer.train_step
+    original = Loop.train_step
 
     def arm(at: int, times: int) -> list[int]:
         hits: list[int] = []
@@ -52,7 +53,7 @@ def poison(monkeypatch: pytest.MonkeyPatch):
                     next(self.unwrapped_student.parameters()).fill_(float("nan"))
             return terms
 
-        monkeypatch.setattr(Trainer, "train_step", train_step)
+        monkeypatch.setattr(Loop, "train_step", train_step)
         return hits
 
     return arm

@@ -19,15 +19,15 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 import generators.inversion as inversion_module
-from dfkd.checkpoint import save_model
-from dfkd.config import load_config
 from dfkd.data import DATASETS
 from dfkd.data.transforms import Normalize, build_augmentation, to_unit
-from dfkd.engine import Trainer
 from dfkd.errors import ConfigError
 from dfkd.models import create_model
+from dfkd.recipe import load_config
 from dfkd.sources import Context, PoolSource, SourceEnv
 from dfkd.sources.pool import quantize
+from dfkd.trainer import Trainer
+from dfkd.weights import save_model
 from generators.contrastive import Contrastive, info_nce
 from generators.inversion import InversionSynthesizer
 from generators.networks import GENERATORS

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from dfkd.config import load_config
 from dfkd.data import build_dataset
-from dfkd.engine import Trainer
 from dfkd.errors import DatasetNotFoundError
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
 from test_data import CIFAR10_CLASSES, cifar_data, labelled_pixels, write_class_tree, write_idx, write_pickle
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,6 @@ by the code under test.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
-from dfkd.config import load_config
-from dfkd.engine import Trainer, make_accelerator
+from dfkd.build import make_accelerator
+from dfkd.recipe import load_config
+from dfkd.teacher import train_missing_teacher
+from dfkd.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +39,7 @@ def test_a_bf16_run_autocasts_and_stays_finite(tmp_path, resnet8_teacher, method
                                f"output_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg)
     dtypes: set[torch.dtype] = set()
-    trainer.teacher.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    trainer.loop.teacher.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
     summary = trainer.fit()
     assert torch.bfloat16 in dtypes, "the teacher ran under bf16 autocast"
     assert summary["steps"] == 4
@@ -61,6 +63,7 @@ def test_a_bf16_run_trains_its_missing_teacher_in_the_teacher_recipes_own_precis
         *SHRINK, *METHODS["cudfkd"][2:], f"teacher.recipe={recipe}", f"teacher.checkpoint={checkpoint}",
         "train.mixed_precision=bf16", f"output_dir={tmp_path / 'run'}",
     ])
+    assert train_missing_teacher(cfg)
     trainer = Trainer(cfg)
     assert checkpoint.is_file()
     assert json.loads((tmp_path / "teacher" / "summary.json").read_text())["steps"] == 2

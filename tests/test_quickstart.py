@@ -17,12 +17,12 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dfkd.data.catalog as catalog
-from dfkd.checkpoint import save_model
 from dfkd.cli import main
-from dfkd.config import load_config
 from dfkd.data import build_dataset
-from dfkd.engine import Trainer
 from dfkd.models import create_model
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
+from dfkd.weights import save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +107,7 @@ def test_the_quickstart_names_each_phase_and_ends_with_what_to_look_at(tmp_path,
 
 def test_a_generator_that_collapses_to_one_image_is_reported_once(tmp_path, tiny_teacher, capsys):
     trainer = Trainer(_reduced(tmp_path, tiny_teacher, "synthesizer.lr=0"))  # lr 0: it stays as set below
-    to_image = trainer.source.built.generator.to_image
+    to_image = trainer.loop.source.built.generator.to_image
     to_image.weight.data.zero_()
     to_image.bias.data.zero_()  # tanh(0) then an affine-free batch norm: every pixel of every image is 0
     trainer.fit()

@@ -12,13 +12,13 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from torch import nn
 
-from dfkd.config import load_config
 from dfkd.data import DATASETS
 from dfkd.data.transforms import Normalize, build_augmentation
-from dfkd.engine import Trainer
 from dfkd.errors import CheckpointError, ConfigError
+from dfkd.recipe import load_config
 from dfkd.sources import Context, GeneratorSource, SourceEnv
 from dfkd.sources.replay import ReplayPool, SeededDraws
+from dfkd.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from dfkd.config import load_config
-from dfkd.engine import Trainer
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,11 +169,11 @@ def _scalars(run: Path) -> dict[str, dict[int, list[float]]]:
 
 def _state(trainer: Trainer) -> dict[str, Any]:
     """What must match at the end; the source's clock (synth_seconds) measures the machine."""
-    source = {k: v for k, v in trainer.source.state_dict().items() if k != "synth_seconds"}
-    run = {k: v for k, v in trainer.state.state_dict().items() if k not in CLOCKS}
+    source = {k: v for k, v in trainer.loop.source.state_dict().items() if k != "synth_seconds"}
+    run = {k: v for k, v in trainer.loop.state.state_dict().items() if k not in CLOCKS}
     run["history"] = [{k: v for k, v in h.items() if k not in CLOCKS} for h in run["history"]]
     return {
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "optimizer": trainer.loop.optimizer.state_dict(), "scheduler": trainer.loop.scheduler.state_dict(),
         "source": source, "run": run,
     }
 
@@ -215,14 +215,14 @@ def test_cudfkd_resumes_exactly(epoch, tmp_path, resnet8_teacher, uninterrupted,
     scalars = assert_resumed_exactly(resumed, straight, ("student", "generator"))
 
     lam, adv = scalars["weighting/lambda"], scalars["synth/weight/adv"]
-    per_epoch = straight.trainer.steps_per_epoch
+    per_epoch = straight.trainer.loop.steps_per_epoch
     steps = EPOCHS * per_epoch
     assert sorted(lam) == list(range(1, steps + 1)), "lambda(t) is logged at every step"
     assert lam[steps][0] == pytest.approx(2.0 + 0.04 * (steps - 1) / per_epoch), "the last step's lambda (t in epochs)"
     assert min(v for values in adv.values() for v in values) == 0.0, "alpha_adv starts flat at 0"
     after = [v for step, values in adv.items() if step > epoch * per_epoch for v in values]
     assert after and max(after) > 0.0, "and ramps up after the resume"
-    assert resumed.trainer.source.state_dict()["served"] == steps
+    assert resumed.trainer.loop.source.state_dict()["served"] == steps
 
 
 def test_a_batch_served_across_a_checkpoint_resumes_exactly(tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):
@@ -237,7 +237,7 @@ def test_generative_replay_resumes_exactly_with_its_pool(epoch, tmp_path, resnet
     resumed = _crash_and_resume("cudfkd_replay", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, epoch)
     scalars = assert_resumed_exactly(resumed, straight, ("student", "generator"))
 
-    pools = [run.trainer.source.pool for run in (straight, resumed)]
+    pools = [run.trainer.loop.source.pool for run in (straight, resumed)]
     assert len(pools[1]) == 20 and pools[1].images.cursor == pools[0].images.cursor == (6 * 8) % 20
     assert torch.equal(pools[1].images.data, pools[0].images.data)
     assert torch.equal(pools[1].logits.data, pools[0].logits.data)
@@ -251,7 +251,7 @@ def test_fast_resumes_exactly_with_its_meta_optimiser_and_bn_average(tmp_path, r
     straight = uninterrupted("fast")
     resumed = _crash_and_resume("fast", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 2)
     assert_resumed_exactly(resumed, straight, ("student", "generator"))
-    synths = [run.trainer.source.synthesizer for run in (straight, resumed)]
+    synths = [run.trainer.loop.source.synthesizer for run in (straight, resumed)]
     assert synths[1].rounds == synths[0].rounds == 1 + 6  # the warm-up round, then one every 2 of 12 steps
     _assert_same(synths[1].terms["bn"].get_extra_state(), synths[0].terms["bn"].get_extra_state(), "bn average")
 
@@ -261,13 +261,13 @@ def test_cmi_resumes_exactly_with_its_pool_and_memory_bank(tmp_path, resnet8_tea
     resumed = _crash_and_resume("cmi", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 2)
     scalars = assert_resumed_exactly(resumed, straight, ("student", "generator"))
 
-    pools = [run.trainer.source.pool for run in (straight, resumed)]
+    pools = [run.trainer.loop.source.pool for run in (straight, resumed)]
     assert len(pools[1]) == 24 and pools[1].cursor == pools[0].cursor == 32 % 24, "four rounds of 8 wrapped the pool"
     assert torch.equal(pools[1].data, pools[0].data)
-    banks = [run.trainer.source.synthesizer.terms["contrastive"].bank for run in (straight, resumed)]
+    banks = [run.trainer.loop.source.synthesizer.terms["contrastive"].bank for run in (straight, resumed)]
     assert len(banks[1]) == 16 and banks[1].cursor == banks[0].cursor
     assert torch.equal(banks[1].data, banks[0].data)
-    heads = [run.trainer.source.synthesizer.terms["contrastive"].head.state_dict() for run in (straight, resumed)]
+    heads = [run.trainer.loop.source.synthesizer.terms["contrastive"].head.state_dict() for run in (straight, resumed)]
     _assert_same(heads[1], heads[0], "head")
     assert "synth/contrastive" in scalars
 
@@ -277,9 +277,9 @@ def test_dcd_resumes_exactly_with_its_curriculum(tmp_path, resnet8_teacher, unin
     resumed = _crash_and_resume("dcd", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 2)
     scalars = assert_resumed_exactly(resumed, straight, ("student",))
 
-    curricula = [run.trainer.source.curriculum for run in (straight, resumed)]
+    curricula = [run.trainer.loop.source.curriculum for run in (straight, resumed)]
     _assert_same(curricula[1].state_dict(), curricula[0].state_dict(), "curriculum")
     assert curricula[1].stage >= 2, "the curriculum re-selected after the resume"
-    assert torch.equal(resumed.trainer.source.active, straight.trainer.source.active)
-    epoch_starts = [straight.trainer.steps_per_epoch * e for e in range(EPOCHS)]
+    assert torch.equal(resumed.trainer.loop.source.active, straight.trainer.loop.source.active)
+    epoch_starts = [straight.trainer.loop.steps_per_epoch * e for e in range(EPOCHS)]
     assert sorted(scalars["curriculum/window_high"]) == epoch_starts, "one decision per epoch, none twice"

@@ -18,22 +18,24 @@ import torch
 from omegaconf import OmegaConf
 
 from dfkd.bench import SuiteEntry, load_suite
-from dfkd.config import load_config
+from dfkd.recipe import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_speed():
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
+def _load_script(name: str):
+    """``benchmarks/<name>.py`` as the module ``name``, as ``python benchmarks/speed.py`` imports it."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["speed"] = module  # dataclasses look their module up
+    sys.modules[name] = module  # dataclasses look their module up; speed.py imports timing by this name
     spec.loader.exec_module(module)
     return module
 
 
-speed = _load_speed()
+timing = _load_script("timing")
+speed = _load_script("speed")
 
 TINY = [
     "data.train_samples=32", "data.test_samples=16", "data.num_workers=0", "teacher.arch=resnet8",
@@ -70,10 +72,10 @@ def test_the_table_has_a_finite_positive_ratio_for_every_phase_of_every_entry(tm
     written = out.read_text()
     assert written in capsys.readouterr().out, "the table is printed as well as written"
     lines = [line for line in written.splitlines() if line.startswith("|")]
-    assert lines[0] == "| " + " | ".join(speed.COLUMNS) + " |"
+    assert lines[0] == "| " + " | ".join(timing.COLUMNS) + " |"
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
     assert [(c[0], c[1]) for c in cells] == [(row.entry, row.phase) for row in rows]
-    assert all(len(c) == len(speed.COLUMNS) for c in cells)
+    assert all(len(c) == len(timing.COLUMNS) for c in cells)
     for c, row in zip(cells, rows):
         assert float(c[5]) == pytest.approx(row.ratio, abs=6e-4) and float(c[5]) > 0
 
@@ -83,15 +85,15 @@ def test_the_bare_student_step_runs_the_teacher_only_where_train_step_does(tmp_p
     calls: list[str] = []
     original = speed.bare_teacher
 
-    def counting_teacher(trainer):
-        teacher = original(trainer)
-        teacher.register_forward_hook(lambda *_: calls.append(trainer.cfg.source.name))
+    def counting_teacher(loop):
+        teacher = original(loop)
+        teacher.register_forward_hook(lambda *_: calls.append(loop.cfg.source.name))
         return teacher
 
     monkeypatch.setattr(speed, "bare_teacher", counting_teacher)
     for entry in speed.entries_of([str(_suite(tmp_path, resnet8_teacher))]):
-        trainer = speed.build_run(entry, [], tmp_path / "runs")
-        cases = {case.phase: case for case in speed.entry_cases(trainer)}
+        loop = speed.build_run(entry, [], tmp_path / "runs")
+        cases = {case.phase: case for case in speed.entry_cases(loop)}
         calls.clear()
         cases["student"].bare()
         assert calls == ([] if entry.name == "cudfkd" else ["real"]), entry.name
@@ -104,19 +106,19 @@ def test_an_inversion_synthesizer_is_timed_per_inner_iteration(tmp_path, resnet8
     entry = SuiteEntry("deepinversion", str(ROOT / "recipes/methods/deepinversion.yaml"), (
         *TINY, f"teacher.checkpoint={resnet8_teacher}", "synthesizer.g_steps=2", "source.pool_size=64",
     ))
-    trainer = speed.build_run(entry, [], tmp_path)
+    loop = speed.build_run(entry, [], tmp_path)
     updates: list[int] = []
-    original = type(trainer.source.synthesizer).update
+    original = type(loop.source.synthesizer).update
 
     def update(self, current, *args):
         original(self, current, *args)
         updates.append(current.updates)
 
-    monkeypatch.setattr(type(trainer.source.synthesizer), "update", update)
-    cases = speed.entry_cases(trainer)
+    monkeypatch.setattr(type(loop.source.synthesizer), "update", update)
+    cases = speed.entry_cases(loop)
     assert [case.phase for case in cases] == ["synthesis, per inner iteration", "student"]
     assert updates == [1, 2], "the round run before timing"
-    rows = speed.measure("deepinversion", cases, speed.Clock(torch.device("cpu")), steps=2, repeats=1)
+    rows = timing.measure("deepinversion", cases, timing.Clock(torch.device("cpu")), steps=2, repeats=1)
     assert updates[2:] == [1, 2, 3], "one update per timed call (after a warm-up), in one round that goes on"
     assert all(math.isfinite(row.ratio) and row.ratio > 0 for row in rows)
 

@@ -17,9 +17,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from dfkd.checkpoint import CheckpointManager, save_model
-from dfkd.config import load_config
-from dfkd.engine import Trainer
+from dfkd.checkpoint import CheckpointManager
 from dfkd.errors import ConfigError
 from dfkd.losses import StudentLoss
 from dfkd.models import create_model
@@ -32,6 +30,9 @@ from dfkd.policies.temperature import (
     grad_reverse,
     grl_lambda,
 )
+from dfkd.recipe import load_config
+from dfkd.trainer import Trainer
+from dfkd.weights import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDFKD_PROCEDURAL = ROOT / "recipes" / "procedural" / "cudfkd_resnet20_resnet8.yaml"
@@ -257,8 +258,8 @@ def test_the_engine_learns_the_temperature(policy, source, tmp_path, teacher, re
     cfg = _real_kd(run, teacher, *options) if source == "real" else _data_free(run, resnet8_teacher, *options)
     trainer = Trainer(cfg)
     assert trainer.cfg.source.name == source
-    assert len(trainer.optimizer.param_groups) == 2, "the temperature trains in the student's optimiser"
-    before = {k: v.clone() for k, v in trainer.temperature.module.state_dict().items()}
+    assert len(trainer.loop.optimizer.param_groups) == 2, "the temperature trains in the student's optimiser"
+    before = {k: v.clone() for k, v in trainer.loop.temperature.module.state_dict().items()}
     summary = trainer.fit()
     assert summary["steps"] == 2
 
@@ -277,17 +278,17 @@ def test_the_engine_learns_the_temperature(policy, source, tmp_path, teacher, re
 ], ids=["default", "value", "loss.temperature"])
 def test_the_fixed_policy_passes_exactly_the_configured_temperature(extra, temperature, tmp_path, teacher):
     trainer = Trainer(_real_kd(tmp_path / "run", teacher, *extra))
-    assert trainer.cfg.temperature.name == "fixed" and trainer.temperature.module is None
-    assert len(trainer.optimizer.param_groups) == 1
-    ctx = trainer.context(0)
-    trainer.source.on_epoch_start(ctx)
-    batch = trainer.source.next_batch(ctx)
-    student = copy.deepcopy(trainer.unwrapped_student)
-    terms = trainer.train_step(batch)
+    assert trainer.cfg.temperature.name == "fixed" and trainer.loop.temperature.module is None
+    assert len(trainer.loop.optimizer.param_groups) == 1
+    ctx = trainer.loop.context(0)
+    trainer.loop.source.on_epoch_start(ctx)
+    batch = trainer.loop.source.next_batch(ctx)
+    student = copy.deepcopy(trainer.loop.unwrapped_student)
+    terms = trainer.loop.train_step(batch)
     assert not [k for k in terms if k.startswith("temperature/")]
     with torch.no_grad():
-        x = batch.x.contiguous(memory_format=trainer.memory_format)
-        per_sample, _ = trainer.loss(student(x), trainer.teacher(x), batch.y, temperature)
+        x = batch.x.contiguous(memory_format=trainer.loop.memory_format)
+        per_sample, _ = trainer.loop.loss(student(x), trainer.loop.teacher(x), batch.y, temperature)
     assert torch.equal(terms["loss"], per_sample.mean()), "bit for bit the loss at the configured temperature"
 
 
@@ -309,7 +310,7 @@ def test_resume_restores_theta_exactly(tmp_path, teacher, crash_after_checkpoint
     assert saved_theta.item() != 1.0, "the checkpoint holds the theta learnt in epoch 1"
     resumed = Trainer(_real_kd(tmp_path / "crashy", teacher, *options, "train.resume=auto"))
     resumed._resume()
-    assert torch.equal(resumed.temperature.module.theta.detach(), saved_theta)
+    assert torch.equal(resumed.loop.temperature.module.theta.detach(), saved_theta)
 
     Trainer(_real_kd(tmp_path / "crashy", teacher, *options, "train.resume=auto")).fit()
     straight = load_file(tmp_path / "straight" / "temperature.safetensors")["theta"]

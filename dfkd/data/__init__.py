@@ -10,7 +10,7 @@ Registered datasets: ``procedural`` and ``digits`` (generated, no files), ``mnis
 ``cinic10``, ``tiny_imagenet`` and ``cifar10_jpeg``.
 """
 
-from dfkd.data.catalog import IN_MEMORY_BYTES, PROCEDURAL_SIZES, build_dataset
+from dfkd.data.catalog import IN_MEMORY_BYTES, PROCEDURAL_SIZES, build_dataset, check_dataset
 from dfkd.data.datasets import ImageDataset, ImageFolderDataset, TensorImageDataset, stratified_indices
 from dfkd.data.spec import DATASETS, DatasetSpec, LoadRequest
 
@@ -24,5 +24,6 @@ __all__ = [
     "PROCEDURAL_SIZES",
     "TensorImageDataset",
     "build_dataset",
+    "check_dataset",
     "stratified_indices",
 ]

@@ -14,7 +14,7 @@ from dfkd.data.spec import DATASETS, DatasetSpec, Downloader, Expected, LoadRequ
 from dfkd.errors import ConfigError, DatasetNotFoundError
 from dfkd.registry import close_matches
 
-__all__ = ["DIGITS_SIZES", "IN_MEMORY_BYTES", "PROCEDURAL_SIZES", "build_dataset"]
+__all__ = ["DIGITS_SIZES", "IN_MEMORY_BYTES", "PROCEDURAL_SIZES", "build_dataset", "check_dataset"]
 
 IN_MEMORY_BYTES = 1 << 30  # a split whose decoded images fit in this is decoded once and kept in memory
 
@@ -98,6 +98,16 @@ def build_dataset(
     if in_memory:
         dataset = dataset.in_memory()
     return spec, dataset
+
+
+def check_dataset(name: str) -> None:
+    """Check a recipe's ``data.name`` against the registered datasets.
+
+    Raises:
+        ConfigError: ``name`` is not registered; the message lists the close matches.
+    """
+    if name not in DATASETS:
+        raise ConfigError(f"data.name: {DATASETS.unknown_message(name)}")
 
 
 def _torchvision_download(dataset: str, split_kwarg: str) -> Downloader:

@@ -28,10 +28,12 @@ from dfkd.models.shufflenetv2 import ShuffleNetV2
 from dfkd.models.torchvision_models import build_torchvision_model
 from dfkd.models.vgg import VGG
 from dfkd.models.wrn import WideResNet
+from dfkd.registry import close_matches
 
 __all__ = [
     "MODELS",
     "ModelFactory",
+    "check_arch",
     "create_model",
     "list_models",
     "penultimate_module",
@@ -66,6 +68,19 @@ def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module
 def list_models() -> list[str]:
     """Every registered name, sorted, the ``tv_`` models included."""
     return MODELS.names()
+
+
+def check_arch(arch: str, role: str) -> None:
+    """Check a recipe's ``<role>.arch`` (``student`` or ``teacher``) against the zoo.
+
+    Raises:
+        ConfigError: the zoo has no ``arch``; the message names the close matches.
+    """
+    names = list_models()
+    if arch not in names:
+        close = close_matches(arch, names)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"{role}.arch: the model zoo has no {arch!r}.{hint} See `dfkd list models`.")
 
 
 def penultimate_module(model: nn.Module) -> nn.Module:

@@ -10,7 +10,6 @@ block (expansion 1), stride 1 in the second stage so that a 32×32 image ends at
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd.models._registry import register_variants

@@ -14,6 +14,9 @@ import bisect
 import math
 from collections.abc import Callable
 
+from omegaconf import DictConfig, OmegaConf
+
+from dfkd.components import check_component
 from dfkd.errors import ConfigError
 from dfkd.registry import Registry
 
@@ -93,10 +96,6 @@ def build_schedule(spec: float | int | dict, path: str) -> Schedule:
     Raises:
         ConfigError: naming ``path`` when the spec is invalid.
     """
-    from omegaconf import DictConfig, OmegaConf
-
-    from dfkd.config import check_component
-
     if isinstance(spec, bool) or not isinstance(spec, (int, float, dict, DictConfig)):
         raise ConfigError(f"{path} must be a number or a schedule {{name: ..., ...}}, got {spec!r}.")
     if isinstance(spec, (int, float)):

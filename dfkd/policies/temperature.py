@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dfkd.components import check_component
 from dfkd.errors import ConfigError
 from dfkd.policies.schedules import cosine
 from dfkd.registry import Registry
@@ -57,6 +58,7 @@ __all__ = [
     "GlobalTemperature",
     "InstanceTemperature",
     "TemperaturePolicy",
+    "check_temperature",
     "build_temperature",
 ]
 
@@ -235,7 +237,7 @@ def _ctkd(module: nn.Module, lambda_min: float, lambda_max: float, loops: float)
     """A learnt temperature behind the GRL, with the cosine lambda curriculum.
 
     The two CTKD factories repeat their keyword-only options because those are
-    their recipe schemas (see :func:`dfkd.config.component_schema`).
+    their recipe schemas (see :func:`dfkd.components.component_schema`).
     """
     curriculum = partial(grl_lambda, lambda_min=lambda_min, lambda_max=lambda_max, loops=loops)
     return TemperaturePolicy(module=module, curriculum=curriculum)
@@ -285,7 +287,18 @@ def ctkd_instance(
     return _ctkd(InstanceTemperature(num_classes, hidden=hidden, t_min=t_min, t_range=t_range), lambda_min, lambda_max, loops)
 
 
+def check_temperature(spec: Any, loss_temperature: float) -> DictConfig:
+    """Check a recipe's ``temperature`` spec, its value ranges included; return it with its defaults filled in.
+
+    Raises:
+        ConfigError: naming the key its registry refuses, or an option out of range.
+    """
+    checked = check_component(TEMPERATURES, spec, "temperature")
+    build_temperature(checked, loss_temperature, num_classes=2)  # checks the ranges
+    return checked
+
+
 def build_temperature(spec: Mapping[str, Any], loss_temperature: float, num_classes: int) -> TemperaturePolicy:
-    """The policy of a recipe's ``temperature`` spec (already checked by the config loader)."""
+    """The policy of a recipe's ``temperature`` spec (checked by :func:`check_temperature`)."""
     options = dict(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec)
     return TEMPERATURES.get(options.pop("name"))(loss_temperature, num_classes, **options)

@@ -27,10 +27,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from dfkd.components import check_component
 from dfkd.policies.schedules import build_schedule
 from dfkd.registry import Registry
 
-__all__ = ["WEIGHTINGS", "SampleWeighting", "build_weighting", "spl_hard", "spl_soft", "spl_log"]
+__all__ = ["WEIGHTINGS", "SampleWeighting", "check_weighting", "build_weighting", "spl_hard", "spl_soft", "spl_log"]
 
 
 def spl_hard(loss: Tensor, lam: float) -> Tensor:
@@ -106,7 +107,18 @@ WEIGHTINGS.register("soft", _self_paced(spl_soft))
 WEIGHTINGS.register("log", _self_paced(spl_log))
 
 
+def check_weighting(spec: Any) -> DictConfig:
+    """Check a recipe's ``weighting`` spec, its threshold schedule included; return it with its defaults filled in.
+
+    Raises:
+        ConfigError: naming the key its registry, or the threshold's, refuses.
+    """
+    checked = check_component(WEIGHTINGS, spec, "weighting")
+    build_weighting(checked)  # checks the nested threshold schedule
+    return checked
+
+
 def build_weighting(spec: Mapping[str, Any]) -> SampleWeighting:
-    """The weighting of a recipe's ``weighting`` spec (already checked by the config loader)."""
+    """The weighting of a recipe's ``weighting`` spec (checked by :func:`check_weighting`)."""
     options = {k: v for k, v in (OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec).items()}
     return WEIGHTINGS.get(options.pop("name"))(**options)
