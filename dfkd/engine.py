@@ -142,6 +142,7 @@ class Loop:
         self.state = RunState()
         self._last_per_sample: dict[str, Tensor] = {}  # the last step's per-sample loss and weights, for histograms
         self._collapse_reported = False
+        self._resets_reported = 0.0
 
     def _train_set(self):
         data = self.cfg.data
@@ -294,7 +295,7 @@ class Loop:
         bad = [name for name, value in means.items() if not np.isfinite(value)]
         if bad:
             raise NonFiniteLossError(f"non-finite loss at or before step {self.state.step} in: {', '.join(bad)}.")
-        self._check_collapse(means.get("synth/spread"))
+        self._check_collapse(means.get("synth/spread"), means.get("synth/resets"))
         means["lr"] = self.scheduler.get_last_lr()[0]
         now, synth = time.perf_counter(), self._synth_counters()
         then, synth_before = self._log_clock
@@ -308,14 +309,23 @@ class Loop:
             self.logger.histogram(f"per_sample/{name}", values, self.state.step)
         self.logger.progress(0, loss=means["loss"])
 
-    def _check_collapse(self, spread: float | None) -> None:
-        """Say so, once, when the synthetic images stop differing from each other.
+    def _check_collapse(self, spread: float | None, resets: float | None) -> None:
+        """Say so, once, when the synthetic images stop differing from each other; or, where the
+        synthesizer starts a fresh generator then (``reset_on_collapse``), each time it does.
 
         A generator that saturates (a tanh or sigmoid output pinned at its limits, which
         the DAFL generator's affine-free output BN then maps to zeros) makes one image
         for every noise vector and rarely recovers: the student then learns nothing for
         the rest of the run, while every loss looks calm.
         """
+        if resets is not None:  # the synthesizer replaces a dead generator itself
+            if resets > self._resets_reported and self.accelerator.is_main_process:
+                print(
+                    f"dfkd: warning: the generator collapsed to one image by step {self.state.step} and was "
+                    f"re-initialised (synthesizer.reset_on_collapse; {resets:.0f} so far).", file=sys.stderr, flush=True,
+                )
+            self._resets_reported = resets
+            return
         if spread is None or spread >= COLLAPSED_SPREAD or self._collapse_reported:
             return
         self._collapse_reported = True

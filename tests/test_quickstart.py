@@ -105,11 +105,30 @@ def test_the_quickstart_names_each_phase_and_ends_with_what_to_look_at(tmp_path,
         assert fragment in out, fragment
 
 
-def test_a_generator_that_collapses_to_one_image_is_reported_once(tmp_path, tiny_teacher, capsys):
-    trainer = Trainer(_reduced(tmp_path, tiny_teacher, "synthesizer.lr=0"))  # lr 0: it stays as set below
+def _kill(trainer: Trainer) -> None:
+    """tanh(0) then an affine-free batch norm: every pixel of every image is 0."""
     to_image = trainer.loop.source.built.generator.to_image
     to_image.weight.data.zero_()
-    to_image.bias.data.zero_()  # tanh(0) then an affine-free batch norm: every pixel of every image is 0
+    to_image.bias.data.zero_()
+
+
+def test_a_collapsed_generator_is_replaced_by_a_fresh_one(tmp_path, tiny_teacher, capsys):
+    """The quickstart's synthesizer.reset_on_collapse: a dead generator is drawn afresh, and the run goes on."""
+    trainer = Trainer(_reduced(tmp_path, tiny_teacher, "synthesizer.lr=0"))  # lr 0: only a reset can change it
+    _kill(trainer)
+    trainer.fit()
+    err = capsys.readouterr().err
+    assert err.count("re-initialised") == 1 and "learns nothing" not in err
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("synth/resets")] == [1.0, 1.0], "one reset, at the first update"
+    first, second = (e.value for e in events.Scalars("synth/spread"))
+    assert first == 0.0 and second > 0.05, "the first update's batch was one image; the next ones differ again"
+
+
+def test_a_generator_that_collapses_to_one_image_is_reported_once(tmp_path, tiny_teacher, capsys):
+    trainer = Trainer(_reduced(tmp_path, tiny_teacher, "synthesizer.lr=0", "synthesizer.reset_on_collapse=false"))
+    _kill(trainer)
     trainer.fit()
     err = capsys.readouterr().err
     assert err.count("collapsed to one image") == 1 and "at step 1:" in err and "synthesizer.lr" in err
