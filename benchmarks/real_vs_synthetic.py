@@ -17,12 +17,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms.functional import to_pil_image
-from torchvision.utils import make_grid
 
 from dfkd.data import build_dataset
 from dfkd.data.transforms import to_unit
-
-PER_ROW, PADDING = 8, 1  # the layout of the engine's synthetic grid (Trainer's preview)
+from dfkd.tracking import GRID_PADDING, GRID_PER_ROW, image_grid
 
 
 def real_grid(run: Path, rows: int) -> Image.Image:
@@ -32,18 +30,16 @@ def real_grid(run: Path, rows: int) -> Image.Image:
         cfg.data.name, cfg.data.root, "test", image_size=cfg.data.get("image_size"),
         num_samples=cfg.data.get("test_samples"), seed=cfg.get("seed", 0),
     )
-    if len(test) < rows * PER_ROW:
-        raise SystemExit(f"{run}: the test split has {len(test)} images, fewer than the {rows * PER_ROW} asked for")
-    images = torch.stack([to_unit(test[i][0]) for i in range(rows * PER_ROW)])
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return to_pil_image(make_grid(images, nrow=PER_ROW, padding=PADDING))
+    if len(test) < rows * GRID_PER_ROW:
+        raise SystemExit(f"{run}: the test split has {len(test)} images, fewer than the {rows * GRID_PER_ROW} asked for")
+    images = torch.stack([to_unit(test[i][0]) for i in range(rows * GRID_PER_ROW)])
+    return to_pil_image(image_grid(images))
 
 
 def synthetic_rows(run: Path, rows: int, side: int) -> Image.Image:
     """The top ``rows`` rows of the run's last synthetic grid, whose cells are ``side`` pixels."""
     grid = Image.open(run / "synthetic.png").convert("RGB")
-    return grid.crop((0, 0, grid.width, PADDING + rows * (side + PADDING)))
+    return grid.crop((0, 0, grid.width, GRID_PADDING + rows * (side + GRID_PADDING)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     real = real_grid(args.run, args.rows)
-    side = (real.width - PADDING) // PER_ROW - PADDING
+    side = (real.width - GRID_PADDING) // GRID_PER_ROW - GRID_PADDING
     synthetic = synthetic_rows(args.run, args.rows, side)
-    gap = 4 * PADDING * 4
+    gap = 4 * GRID_PADDING * 4
     figure = Image.new("RGB", (real.width + gap + synthetic.width, max(real.height, synthetic.height)), "white")
     figure.paste(real, (0, 0))
     figure.paste(synthetic, (real.width + gap, 0))

@@ -38,7 +38,7 @@ from dfkd.optim import build_lr_scheduler, build_optimizer
 from dfkd.policies.temperature import build_temperature
 from dfkd.policies.weighting import build_weighting
 from dfkd.sources import SOURCES, Batch, Context, SampleSource, SourceEnv
-from dfkd.tracking import Meter, RunLogger
+from dfkd.tracking import Meter, RunLogger, image_grid
 from generators.synthesizers import COLLAPSED_SPREAD
 
 __all__ = ["Loop", "RunState"]
@@ -353,12 +353,9 @@ class Loop:
         preview = getattr(self.source, "preview", None)
         if preview is None or not self.accelerator.is_main_process:
             return
-        from torchvision.utils import make_grid, save_image
+        from torchvision.utils import save_image
 
-        images = preview(n).detach().float().cpu()
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        grid = make_grid(images, nrow=8, padding=1)
+        grid = image_grid(preview(n))
         self.logger.images("synthetic", grid, self.state.step)
         save_image(grid, self.logger.dir / "synthetic.png")  # the latest grid, also as a file to open
 

@@ -20,7 +20,19 @@ from torch import Tensor
 
 from dfkd.files import atomic_write_bytes
 
-__all__ = ["Meter", "RunLogger", "Stopwatch"]
+__all__ = ["GRID_PER_ROW", "GRID_PADDING", "Meter", "RunLogger", "Stopwatch", "image_grid"]
+
+GRID_PER_ROW, GRID_PADDING = 8, 1  # the layout of every image grid a run writes
+
+
+def image_grid(images: Tensor) -> Tensor:
+    """Images ``[N, C, H, W]`` in ``[0, 1]`` as one RGB grid ``[3, H', W']``, ``GRID_PER_ROW`` to a row."""
+    from torchvision.utils import make_grid
+
+    images = images.detach().float().cpu()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return make_grid(images, nrow=GRID_PER_ROW, padding=GRID_PADDING)
 
 
 class Meter:
