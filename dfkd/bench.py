@@ -12,6 +12,8 @@ safe loader) that lists what to compare::
       - {name: dafl, method: DAFL, recipe: recipes/mnist/dafl/lenet5_lenet5_half.yaml}
       - {name: cudfkd, method: CuDFKD, recipe: recipes/mnist/cudfkd/lenet5_lenet5_half.yaml, overrides: [train.epochs=10]}
 
+``--only NAME,...`` trains only the entries named.
+
 Each (entry, seed) is an ordinary run, in this process, of::
 
     load_config(recipe, ["train.resume=auto", *suite overrides, *entry overrides, *command-line overrides,
@@ -231,6 +233,7 @@ def run_suite(
     overrides: Sequence[str] = (),
     output_dir: str | Path | None = None,
     echo: Callable[[str], None] = print,
+    only: Sequence[str] = (),
 ) -> Path:
     """Run every unfinished (entry, seed) of ``suite`` and write its results; returns ``results.md``'s path.
 
@@ -243,6 +246,8 @@ def run_suite(
         overrides: ``key=value`` strings applied to every entry, after the suite's own.
         output_dir: the suite's folder, instead of the suite's ``output_dir``.
         echo: where the one line per finished run goes.
+        only: entry names: train only these (every entry is still validated, and the
+            tables still hold every finished run of the suite's folder). Empty: all.
     """
     from accelerate import PartialState
 
@@ -252,6 +257,7 @@ def run_suite(
     spec = load_suite(suite)
     out = Path(output_dir) if output_dir is not None else Path(spec.output_dir)
     runs = plan_runs(spec, overrides, out)
+    selected = _select(spec, only)
     papers = load_paper_numbers(spec.papers) if spec.papers is not None else None  # a bad file fails before any run
     is_main = PartialState().is_main_process
     finished: dict[int, dict[str, Any]] = {}  # by index into runs, so the tables keep the suite's order
@@ -260,6 +266,8 @@ def run_suite(
         done = run.output_dir / "summary.json"
         if done.is_file():
             summary, note = json.loads(done.read_text()), "done before, skipped"
+        elif run.entry.name not in selected:
+            continue
         else:
             try:
                 train_missing_teacher(run.cfg, echo)
@@ -282,6 +290,19 @@ def run_suite(
     if is_main:
         write_results([finished[k] for k in sorted(finished)], out, spec.path, papers)
     return table
+
+
+def _select(suite: Suite, only: Sequence[str]) -> set[str]:
+    """The entries to train: ``only``, each checked against the suite's entry names; all when empty."""
+    names = [entry.name for entry in suite.entries]
+    for name in only:
+        if name not in names:
+            close = close_matches(name, names)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"suite {str(suite.path)!r} has no entry {name!r}.{hint} Its entries: {', '.join(names)}."
+            )
+    return set(only) if only else set(names)
 
 
 def _one_line(summary: Mapping[str, Any]) -> str:

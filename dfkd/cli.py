@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", help="a suite's name in benchmarks/suites/, or the path of a suite file")
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every entry, e.g. train.epochs=1")
     bench.add_argument("--output-dir", default=None, help="the suite's output folder (default: the suite's output_dir)")
+    bench.add_argument(
+        "--only", default="", metavar="NAME[,NAME...]",
+        help="train only these entries (comma-separated names); the tables still hold every finished run",
+    )
 
     results = sub.add_parser(
         "results",
@@ -176,10 +180,10 @@ def _eval(args: Sequence[str]) -> int:
     return 0
 
 
-def _bench(suite: str, overrides: Sequence[str], output_dir: str | None) -> int:
+def _bench(suite: str, overrides: Sequence[str], output_dir: str | None, only: str) -> int:
     from dfkd.bench import run_suite
 
-    table = run_suite(suite, overrides, output_dir)
+    table = run_suite(suite, overrides, output_dir, only=[name for name in only.split(",") if name])
     print(table)
     return 0
 
@@ -201,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args.args)
         if args.command == "bench":
-            return _bench(args.suite, args.overrides, args.output_dir)
+            return _bench(args.suite, args.overrides, args.output_dir, args.only)
         if args.command == "results":
             return _results(args.folders, args.readme, args.images)
         print("\n".join(_LISTINGS[args.what]()))

@@ -27,6 +27,7 @@ from dfkd.trainer import Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENTRIES = ["kd", "cudfkd"]
+SHIPPED_SUITES = sorted(path.stem for path in (Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +302,7 @@ def test_a_bad_override_in_a_later_entry_fails_before_the_first_run(tmp_path, te
     assert "'optim.lrr'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["tiny", "mnist", "cifar10_jpeg_cpu", "cifar10_paper", "cifar100_paper", "speed"])
+@pytest.mark.parametrize("name", SHIPPED_SUITES)
 def test_every_shipped_suite_validates(name, tmp_path):
     suite = load_suite(name)
     runs = plan_runs(suite, [], tmp_path)
@@ -322,6 +323,26 @@ def test_a_run_locked_by_another_bench_is_left_to_it(tmp_path, teacher_override,
 
     assert _bench(tmp_path, teacher_override) == 0
     assert [r["entry"] for r in _records(tmp_path)] == ["kd", "cudfkd"], "the suite's order, once both are done"
+
+
+def test_only_trains_the_named_entries_and_still_tabulates_every_finished_run(tmp_path, teacher_override, monkeypatch):
+    calls = _counting_fit(monkeypatch)
+    assert _bench(tmp_path, teacher_override, "--only", "cudfkd") == 0
+    assert calls == ["cudfkd"]
+    assert not (tmp_path / "kd").exists(), "an entry left out is not started"
+    assert [r["entry"] for r in _records(tmp_path)] == ["cudfkd"]
+
+    assert _bench(tmp_path, teacher_override, "--only", "kd") == 0
+    assert calls == ["cudfkd", "kd"], "the finished cudfkd run is not trained again"
+    assert [r["entry"] for r in _records(tmp_path)] == ["kd", "cudfkd"], "the tables hold both, in the suite's order"
+
+
+def test_an_unknown_only_entry_fails_before_any_run_naming_it_and_the_close_match(tmp_path, monkeypatch, capsys):
+    _never_run(monkeypatch)
+    assert main(["bench", "tiny", "--only", "kd,cudfdk", "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "no entry 'cudfdk'" in error and "Did you mean 'cudfkd'?" in error and "kd, cudfkd" in error
+    assert not (tmp_path / "out").exists()
 
 
 def _timed_run(folder: Path, points: list[tuple[float, float]], **summary) -> dict:
