@@ -23,16 +23,23 @@ __all__ = ["multiply_adds"]
 
 
 @torch.no_grad()
-def multiply_adds(module: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
+def multiply_adds(
+    module: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu", *, labelled: bool = False
+) -> int:
     """Multiply-adds of ``module`` per input of shape ``input_shape`` (without the batch axis).
 
-    The module's mode is restored afterwards and nothing it holds changes.
+    ``labelled``: the module also takes a class label per input (a conditional
+    generator's ``forward(z, y)``); class 0 is given. The module's mode is
+    restored afterwards and nothing it holds changes.
     """
     was_training = module.training
     module.eval()
+    inputs = [torch.zeros(2, *input_shape, device=device)]
+    if labelled:
+        inputs.append(torch.zeros(2, dtype=torch.long, device=device))
     try:
         with FlopCounterMode(display=False) as counter:
-            module(torch.zeros(2, *input_shape, device=device))
+            module(*inputs)
     finally:
         module.train(was_training)
     return counter.get_total_flops() // 4

@@ -155,13 +155,14 @@ class Loop:
     def _macs_per_image(self) -> dict[str, int]:
         """Multiply-adds of one image through each network of the run: where its time goes."""
         image = (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
-        networks = {"student": (self.unwrapped_student, image)}
+        costs = {"student": multiply_adds(self.unwrapped_student, image, self.device)}
         if self.teacher is not None:
-            networks["teacher"] = (self.teacher, image)
+            costs["teacher"] = multiply_adds(self.teacher, image, self.device)
         generator = getattr(self.source, "checkpoint_modules", dict)().get("generator")
         if generator is not None:
-            networks["generator"] = (generator, (generator.nz,))
-        return {name: multiply_adds(net, shape, self.device) for name, (net, shape) in networks.items()}
+            labelled = bool(getattr(generator, "conditional", False))
+            costs["generator"] = multiply_adds(generator, (generator.nz,), self.device, labelled=labelled)
+        return costs
 
     # -- what a checkpoint holds
 

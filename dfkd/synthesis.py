@@ -43,7 +43,7 @@ from generators.terms import TERMS, Term
 
 __all__ = ["check_synthesizer", "check_generator_fits", "build_generator", "build_synthesizer", "BuiltSynthesizer"]
 
-_GENERATOR_RESERVED = ("image_size", "channels")
+_GENERATOR_RESERVED = ("image_size", "channels", "num_classes")
 _NESTED = ("generator", "terms")
 
 
@@ -82,6 +82,8 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
         checked["generator"] = OmegaConf.to_container(
             check_component(GENERATORS, spec["generator"], f"{path}.generator", reserved=_GENERATOR_RESERVED)
         )
+        if checked["generator"].get("conditional"):
+            _check_conditional(cls, checked, path)
     terms = spec.get("terms") or {}
     if isinstance(terms, Mapping):
         for name in terms:  # before nulls are dropped: a null under a misspelt name would remove nothing, silently
@@ -98,6 +100,22 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
         full.pop("name")
         checked["terms"][name] = {"weight": weight, **full}
     return OmegaConf.create(checked)
+
+
+def _check_conditional(cls: type, checked: Mapping[str, Any], path: str) -> None:
+    """A class-conditional generator is asked for a class per image: only a synthesizer that draws
+    those classes (``targets: random``) and passes them to the generator can drive it."""
+    if not getattr(cls, "conditions_generator", False):
+        raise ConfigError(
+            f"{path}.generator.conditional: the {checked['name']!r} synthesizer cannot drive a class-conditional "
+            "generator (it gives the generator no class labels); use the 'generative' synthesizer or remove "
+            f"{path}.generator.conditional."
+        )
+    if checked.get("targets") != "random":
+        raise ConfigError(
+            f"{path}.targets must be 'random' with a conditional generator (each image is asked for a class "
+            f"drawn uniformly, and the oh term trains the generator to make it); got {checked.get('targets')!r}."
+        )
 
 
 def _positional_parameters(cls: type) -> dict[str, inspect.Parameter]:
@@ -126,8 +144,9 @@ class BuiltSynthesizer:
         return {name: schedule(t, total) for name, schedule in self.schedules.items()}
 
 
-def build_generator(spec: Mapping[str, Any], *, image_size: int, channels: int) -> nn.Module:
-    """The generator of a ``synthesizer.generator`` section, making the dataset's image size.
+def build_generator(spec: Mapping[str, Any], *, image_size: int, channels: int, num_classes: int) -> nn.Module:
+    """The generator of a ``synthesizer.generator`` section, making the dataset's image size
+    (and, when ``conditional``, conditioned on its ``num_classes`` classes).
 
     Raises:
         ConfigError: the generator cannot make ``channels × image_size × image_size`` images.
@@ -135,7 +154,7 @@ def build_generator(spec: Mapping[str, Any], *, image_size: int, channels: int) 
     options = dict(spec)
     name = options.pop("name")
     try:
-        return GENERATORS.get(name)(image_size=image_size, channels=channels, **options)
+        return GENERATORS.get(name)(image_size=image_size, channels=channels, num_classes=num_classes, **options)
     except ValueError as exc:
         raise ConfigError(
             f"synthesizer.generator {name!r} cannot make {channels}x{image_size}x{image_size} images, the "
@@ -155,6 +174,7 @@ def check_generator_fits(cfg: DictConfig) -> None:
             OmegaConf.to_container(cfg.synthesizer.generator),
             image_size=cfg.data.image_size or spec.image_size,
             channels=spec.in_channels,
+            num_classes=spec.num_classes or 2,  # a folder dataset's count is known once it is read; any fits here
         )
 
 
@@ -181,7 +201,9 @@ def build_synthesizer(
     name = spec.pop("name")
     generator = None
     if "generator" in spec:
-        generator = build_generator(spec.pop("generator"), image_size=image_size, channels=channels).to(device)
+        generator = build_generator(
+            spec.pop("generator"), image_size=image_size, channels=channels, num_classes=num_classes
+        ).to(device)
     terms: dict[str, Term] = {}
     schedules: dict[str, Schedule] = {}
     for term_name, options in spec.pop("terms").items():

@@ -19,7 +19,15 @@ The hidden convolutions have no bias, except in DAFL, whose inner batch norms
 also carry that code's ``eps=0.8`` (see :class:`DAFLGenerator`). Upsampling is
 nearest-neighbour everywhere, as in the references.
 
-Each registered class is built as ``cls(*, image_size, channels, **options)``;
+A generator built with ``conditional=True`` is class-conditional: it also takes
+class labels ``y: [B]`` and reads ``[z, one_hot(y)]``, so ``Linear(nz + K, …)``
+for the ``K`` classes of the dataset (the conditional DCGAN's input, as the
+conditional generators of CGDD and of the CuDFKD code's unused ``cond`` option
+intend). The synthesizer asks each image for a class, so every class is made
+from the first step instead of being discovered by the generator.
+
+Each registered class is built as ``cls(*, image_size, channels, num_classes, **options)``
+(``num_classes`` is the dataset's, used only when ``conditional``);
 its options are keyword-only, annotated and defaulted, so the engine can check
 a recipe against the constructor. ``output_range`` tells the engine what the
 images mean: ``"unit"`` images lie in ``[0, 1]`` and still need the dataset's
@@ -33,8 +41,10 @@ from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any, ClassVar, Literal
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from generators.registry import Registry
 
@@ -98,6 +108,7 @@ class UpsamplingGenerator(nn.Module):
         output: Layer applied after the final ``w_k → C`` convolution.
         conv_bias: Whether the hidden convolutions have a bias (the final one always has).
         bn_eps: ``eps`` of the stages' batch norms (the first one keeps PyTorch's default).
+        num_classes: ``K`` classes to condition on (``forward(z, y)``); 0 for an unconditional generator.
 
     Raises:
         ValueError: if ``image_size`` is not a positive multiple of ``2^k``, or a size is not positive.
@@ -122,6 +133,7 @@ class UpsamplingGenerator(nn.Module):
         output: nn.Module,
         conv_bias: bool = False,
         bn_eps: float = 1e-5,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -134,11 +146,14 @@ class UpsamplingGenerator(nn.Module):
         for option, value in (("channels", channels), ("nz", nz), ("smallest width", min(widths))):
             if value <= 0:
                 raise ValueError(f"{name}: {option} must be positive, got {value}")
+        if num_classes == 1 or num_classes < 0:
+            raise ValueError(f"{name}: a conditional generator needs at least 2 classes, got {num_classes}")
         self.nz = nz
+        self.num_classes = num_classes
         self.image_size = image_size
         self.channels = channels
         self.seed_size = image_size // scale
-        self.project = nn.Linear(nz, widths[0] * self.seed_size**2)
+        self.project = nn.Linear(nz + num_classes, widths[0] * self.seed_size**2)
         self.stages = nn.Sequential(
             nn.BatchNorm2d(widths[0]),
             *(
@@ -149,14 +164,32 @@ class UpsamplingGenerator(nn.Module):
         self.to_image = nn.Conv2d(widths[-1], channels, kernel_size=3, padding=1)
         self.output = output
 
-    def forward(self, z: Tensor) -> Tensor:
-        """Map ``z: [B, nz]`` to images ``[B, channels, image_size, image_size]``."""
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """Map ``z: [B, nz]`` (and, for a conditional generator, labels ``y: [B]``) to images ``[B, C, S, S]``."""
+        if self.conditional:
+            if y is None:
+                raise ValueError(f"{type(self).__name__} is conditional: give the class labels y with z")
+            z = torch.cat([z, F.one_hot(y, self.num_classes).to(z.dtype)], dim=1)
+        elif y is not None:
+            raise ValueError(f"{type(self).__name__} is not conditional: it takes no class labels")
         seed = rearrange(self.project(z), "b (c h w) -> b c h w", h=self.seed_size, w=self.seed_size)
         return self.output(self.to_image(self.stages(seed)))
 
     def extra_repr(self) -> str:
         sizes = f"nz={self.nz}, image_size={self.image_size}, channels={self.channels}"
-        return f"{sizes}, output_range={self.output_range!r}"
+        condition = f", num_classes={self.num_classes}" if self.conditional else ""
+        return f"{sizes}{condition}, output_range={self.output_range!r}"
+
+
+def _condition_on(conditional: bool, num_classes: int) -> int:
+    """The class count a generator conditions on: the dataset's when ``conditional``, else 0."""
+    if conditional and num_classes < 2:
+        raise ValueError(f"conditional: true needs the dataset's class count (at least 2), got num_classes={num_classes}")
+    return num_classes if conditional else 0
 
 
 @GENERATORS.register("dcgan")
@@ -175,13 +208,19 @@ class DCGANGenerator(UpsamplingGenerator):
         channels: Output channels.
         nz: Latent size.
         ngf: Base width.
+        conditional: Condition on the dataset's ``num_classes`` classes (see the module's docstring).
+        num_classes: The dataset's class count, given by the engine.
     """
 
     output_range = "unit"
 
-    def __init__(self, *, image_size: int, channels: int, nz: int = 256, ngf: int = 64) -> None:
+    def __init__(
+        self, *, image_size: int, channels: int, nz: int = 256, ngf: int = 64, conditional: bool = False,
+        num_classes: int = 0,
+    ) -> None:
         super().__init__(
-            image_size=image_size, channels=channels, nz=nz, widths=(2 * ngf, 2 * ngf, ngf), output=nn.Sigmoid()
+            image_size=image_size, channels=channels, nz=nz, widths=(2 * ngf, 2 * ngf, ngf), output=nn.Sigmoid(),
+            num_classes=_condition_on(conditional, num_classes),
         )
         reset_parameters_dcgan(self)
 
@@ -213,15 +252,22 @@ class CuDFKDGenerator(UpsamplingGenerator):
         nz: Latent size.
         ngf: Width of the last stage.
         depth: Number of ×2 upsampling stages.
+        conditional, num_classes: as for :class:`DCGANGenerator`.
     """
 
     output_range = "unit"
 
-    def __init__(self, *, image_size: int, channels: int, nz: int = 512, ngf: int = 64, depth: int = 2) -> None:
+    def __init__(
+        self, *, image_size: int, channels: int, nz: int = 512, ngf: int = 64, depth: int = 2,
+        conditional: bool = False, num_classes: int = 0,
+    ) -> None:
         if depth < 1:
             raise ValueError(f"CuDFKDGenerator: depth must be at least 1, got {depth}")
         widths = tuple(ngf * 2**level for level in range(depth, -1, -1))
-        super().__init__(image_size=image_size, channels=channels, nz=nz, widths=widths, output=nn.Sigmoid())
+        super().__init__(
+            image_size=image_size, channels=channels, nz=nz, widths=widths, output=nn.Sigmoid(),
+            num_classes=_condition_on(conditional, num_classes),
+        )
         reset_parameters_dcgan(self)
 
 
@@ -237,9 +283,13 @@ class LargeGenerator(UpsamplingGenerator):
 
     output_range = "unit"
 
-    def __init__(self, *, image_size: int, channels: int, nz: int = 256, ngf: int = 64) -> None:
+    def __init__(
+        self, *, image_size: int, channels: int, nz: int = 256, ngf: int = 64, conditional: bool = False,
+        num_classes: int = 0,
+    ) -> None:
         super().__init__(
-            image_size=image_size, channels=channels, nz=nz, widths=(4 * ngf, 2 * ngf, ngf), output=nn.Sigmoid()
+            image_size=image_size, channels=channels, nz=nz, widths=(4 * ngf, 2 * ngf, ngf), output=nn.Sigmoid(),
+            num_classes=_condition_on(conditional, num_classes),
         )
 
 
@@ -265,6 +315,7 @@ class DAFLGenerator(UpsamplingGenerator):
         channels: Output channels.
         nz: Latent size (DAFL's ``latent_dim``).
         width: Width of the projected map and of the first stage; the second has ``width / 2``.
+        conditional, num_classes: as for :class:`DCGANGenerator`.
     """
 
     output_range = "normalized"
@@ -275,7 +326,10 @@ class DAFLGenerator(UpsamplingGenerator):
             raise ValueError(f"width must be even and at least 2 (the second stage has width / 2), got {options['width']}")
         super().check_options(options)
 
-    def __init__(self, *, image_size: int, channels: int, nz: int = 100, width: int = 128) -> None:
+    def __init__(
+        self, *, image_size: int, channels: int, nz: int = 100, width: int = 128, conditional: bool = False,
+        num_classes: int = 0,
+    ) -> None:
         self.check_options({"width": width})
         super().__init__(
             image_size=image_size,
@@ -285,4 +339,5 @@ class DAFLGenerator(UpsamplingGenerator):
             output=nn.Sequential(nn.Tanh(), nn.BatchNorm2d(channels, affine=False)),
             conv_bias=True,
             bn_eps=0.8,
+            num_classes=_condition_on(conditional, num_classes),
         )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -198,9 +198,15 @@ class GenerativeSynthesizer(Synthesizer):
       logits from that update, so the teacher is not run on it twice (DAFL
       trains the student on the generator's own batch).
 
+    A class-conditional generator (``generator.conditional``) is given the
+    targets drawn for each batch (``targets='random'``, which it requires), in
+    its updates and whenever it samples for the student, so every class is asked
+    for in every batch.
+
     Args:
-        generator: maps ``[B, nz]`` noise to images; its ``output_range`` says
-            whether they are in ``[0, 1]`` (normalised here) or already normalised.
+        generator: maps ``[B, nz]`` noise (and, when conditional, ``[B]`` labels) to
+            images; its ``output_range`` says whether they are in ``[0, 1]``
+            (normalised here) or already normalised.
         terms, normalize, denormalize, num_classes, targets: see :class:`Synthesizer`.
         batch_size: synthesis batch of this process (the engine fills it in from the
             recipe's global batch; ``None`` is not valid at construction).
@@ -220,6 +226,7 @@ class GenerativeSynthesizer(Synthesizer):
     """
 
     SAMPLE_FROM = ("eval", "train", "last")
+    conditions_generator: ClassVar[bool] = True  # it passes class labels to a conditional generator
 
     def __init__(
         self,
@@ -244,6 +251,9 @@ class GenerativeSynthesizer(Synthesizer):
             raise ValueError(f"batch_size and g_steps must be at least 1, got {batch_size} and {g_steps}")
         self.generator = generator  # possibly wrapped for data parallelism
         self.net = getattr(generator, "module", generator)  # the generator itself, for its attributes
+        self.conditional = bool(getattr(self.net, "conditional", False))
+        if self.conditional and targets != "random":
+            raise ValueError("a conditional generator needs targets='random': each image is asked for a class")
         self.batch_size = batch_size
         self.g_steps = g_steps
         self.sample_from = sample_from
@@ -266,9 +276,9 @@ class GenerativeSynthesizer(Synthesizer):
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def render(self, z: Tensor) -> Tensor:
-        """Normalised images ``[B, C, H, W]`` from noise ``z [B, nz]``."""
-        out = self.generator(z)
+    def render(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """Normalised images ``[B, C, H, W]`` from noise ``z [B, nz]`` (and labels ``y [B]``, when conditional)."""
+        out = self.generator(z) if y is None else self.generator(z, y)
         return out if self.net.output_range == "normalized" else self.normalize(out)
 
     def step(self, teacher: nn.Module, student: nn.Module | None, weights: Mapping[str, float]) -> dict[str, Tensor]:
@@ -277,7 +287,8 @@ class GenerativeSynthesizer(Synthesizer):
             for _ in range(self.g_steps):
                 z = torch.randn(self.batch_size, self.net.nz, device=self.device)
                 targets = self.draw_targets(len(z), z.device)
-                total, logs, batch = self.losses(self.render(z), teacher, student, weights, targets)
+                x = self.render(z, targets if self.conditional else None)
+                total, logs, batch = self.losses(x, teacher, student, weights, targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward(inputs=self.trainable)
                 average_gradients(self.trainable, [self.generator])
@@ -315,10 +326,11 @@ class GenerativeSynthesizer(Synthesizer):
                 raise RuntimeError(f"sample_from='last' needs a preceding step() with batch size {n}")
             return self._last
         z = torch.randn(n, self.net.nz, device=self.device)
+        y = self.draw_targets(n, z.device) if self.conditional else None
         if self.sample_from == "train":
-            return self.render(z), None
+            return self.render(z, y), None
         with eval_mode(self.generator):
-            return self.render(z), None
+            return self.render(z, y), None
 
     def preview(self, n: int) -> Tensor:
         """Fresh eval-mode samples; for train-mode sampling, the last update's batch (a train-mode

@@ -143,6 +143,7 @@ def test_constructor_options_are_keyword_only_and_typed(name: str) -> None:
     hints = typing.get_type_hints(cls.__init__)
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
     assert {p.name for p in params if p.default is inspect.Parameter.empty} == {"image_size", "channels"}
+    assert {"conditional", "num_classes"} <= {p.name for p in params}, "every generator can be class-conditional"
     for p in params:
         assert hints[p.name] in (int, float, bool, str), p.name
         assert p.default is inspect.Parameter.empty or isinstance(p.default, hints[p.name]), p.name
@@ -171,3 +172,30 @@ def test_cudfkd_depth_3_reaches_the_image_size() -> None:
     generator = GENERATORS.get("cudfkd")(image_size=32, channels=3, nz=16, ngf=4, depth=3)
     assert generator(torch.randn(2, 16)).shape == (2, 3, 32, 32)
     assert generator.seed_size == 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_conditional_generator_makes_the_class_it_is_given(name: str) -> None:
+    torch.manual_seed(0)
+    generator = GENERATORS.get(name)(image_size=32, channels=3, conditional=True, num_classes=10, **SMALL[name])
+    plain = small(name)
+    assert generator.conditional and not plain.conditional
+    assert generator.project.in_features == plain.project.in_features + 10, "z and the label's one-hot"
+    generator.eval()  # batch statistics would mix the images of a batch
+    z = torch.randn(1, generator.nz).expand(3, -1)
+    x = generator(z, torch.tensor([0, 0, 7]))
+    assert x.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(x[0], x[1])
+    assert not torch.allclose(x[0], x[2]), "the same z asked for another class gives another image"
+    with pytest.raises(ValueError, match="give the class labels y"):
+        generator(z)
+    with pytest.raises(ValueError, match="not conditional"):
+        plain(z, torch.tensor([0, 0, 7]))
+
+
+@pytest.mark.parametrize("num_classes", [0, 1])
+def test_a_conditional_generator_needs_two_classes(num_classes: int) -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        GENERATORS.get("dafl")(image_size=32, channels=3, conditional=True, num_classes=num_classes)
+    # num_classes is the dataset's and is ignored by an unconditional generator
+    assert not GENERATORS.get("dafl")(image_size=32, channels=3, num_classes=num_classes).conditional

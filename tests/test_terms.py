@@ -8,7 +8,9 @@ teacher and student are tiny in-file Conv-BN-ReLU-Conv-BN-pool-Linear nets.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -614,9 +616,12 @@ def test_tv_stays_finite_on_large_bf16_images(norm):
 WEIGHTS = {"bn": 1.0, "oh": 0.5, "adv": 2.0, "balance": 20.0, "act": 0.1}
 
 
-def make_synthesizer(sample_from: str = "eval", batch_size: int = 4, g_steps: int = 1, reset_on_collapse: bool = False):
+def make_synthesizer(
+    sample_from: str = "eval", batch_size: int = 4, g_steps: int = 1, reset_on_collapse: bool = False,
+    conditional: bool = False,
+):
     torch.manual_seed(0)
-    generator = DCGANGenerator(image_size=8, channels=3, nz=8, ngf=4)
+    generator = DCGANGenerator(image_size=8, channels=3, nz=8, ngf=4, conditional=conditional, num_classes=CLASSES)
     terms = {
         "bn": BNStatistics(),
         "oh": OneHot(),
@@ -635,6 +640,7 @@ def make_synthesizer(sample_from: str = "eval", batch_size: int = 4, g_steps: in
         lr=1e-2,
         sample_from=sample_from,
         reset_on_collapse=reset_on_collapse,
+        targets="random" if conditional else "argmax",
     )
     teacher = make_teacher(seed=1, dtype=torch.float32)
     torch.manual_seed(2)
@@ -781,3 +787,54 @@ def test_a_collapsed_generator_is_kept_unless_reset_is_asked_for():
     assert "resets" not in logs and synth.resets == 0
     x, _ = synth.sample(4)
     assert x.std(dim=0).mean() < 1e-3  # still one image: only Adam's first small step moved it
+
+
+@contextlib.contextmanager
+def _recording_labels(synth: GenerativeSynthesizer) -> Iterator[list[Tensor]]:
+    """The labels each forward of the synthesizer's generator is given in the block."""
+    seen: list[Tensor] = []
+    handle = synth.generator.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_a_conditional_generator_is_asked_for_the_classes_the_oh_term_trains_it_on():
+    synth, teacher, student = make_synthesizer(batch_size=16, conditional=True)
+    trained_on: list[Tensor] = []
+    synth.terms["oh"].register_forward_pre_hook(lambda module, args: trained_on.append(args[0].targets.clone()))
+    with _recording_labels(synth) as asked:
+        synth.step(teacher, student, WEIGHTS)
+        x, _ = synth.sample(32)  # the student's samples are asked for classes too
+    assert len(asked) == 2 and len(trained_on) == 1
+    assert torch.equal(asked[0], trained_on[0])
+    assert asked[0].shape == (16,) and asked[0].min() >= 0 and asked[0].max() < CLASSES
+    assert x.shape == (32, 3, 8, 8) and asked[1].shape == (32,) and len(asked[1].unique()) > 1
+
+
+def test_a_conditional_generator_learns_to_make_the_class_it_is_asked_for():
+    synth, _, student = make_synthesizer(batch_size=64, conditional=True)
+    torch.manual_seed(4)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, CLASSES)).eval()  # every class within reach
+    weights = {name: 0.0 for name in WEIGHTS} | {"oh": 1.0}
+
+    def hits() -> float:
+        with _recording_labels(synth) as asked, torch.no_grad():
+            x, _ = synth.sample(256)
+            return (teacher(x).argmax(1) == asked[0]).float().mean().item()
+
+    before = hits()
+    for _ in range(60):
+        synth.step(teacher, student, weights)
+    after = hits()
+    assert before < 0.5 and after > 0.9, (before, after)
+
+
+def test_a_conditional_generator_needs_random_targets():
+    generator = DCGANGenerator(image_size=8, channels=3, nz=8, ngf=4, conditional=True, num_classes=CLASSES)
+    with pytest.raises(ValueError, match="targets='random'"):
+        GenerativeSynthesizer(
+            generator, {"oh": OneHot()}, normalize=lambda x: x, denormalize=lambda x: x, num_classes=CLASSES,
+            batch_size=4,
+        )
