@@ -251,7 +251,6 @@ class GenerativeSynthesizer(Synthesizer):
             raise ValueError(f"batch_size and g_steps must be at least 1, got {batch_size} and {g_steps}")
         self.generator = generator  # possibly wrapped for data parallelism
         self.net = getattr(generator, "module", generator)  # the generator itself, for its attributes
-        self.conditional = bool(getattr(self.net, "conditional", False))
         if self.conditional and targets != "random":
             raise ValueError("a conditional generator needs targets='random': each image is asked for a class")
         self.batch_size = batch_size
@@ -271,6 +270,11 @@ class GenerativeSynthesizer(Synthesizer):
         """Place the hooks; a term may build trainable parts now (a projection head), so the optimiser follows."""
         super().attach(teacher, feature_module=feature_module)
         self._make_optimizer()
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the generator takes class labels (then every batch it makes is asked for classes)."""
+        return bool(getattr(self.net, "conditional", False))
 
     @property
     def device(self) -> torch.device:
