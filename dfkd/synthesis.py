@@ -11,10 +11,14 @@ The section reads::
         adv: {weight: {name: piecewise, slope: 0.5, k_begin: 0.2, k_end: 0.8}, divergence: kl, temperature: 3, mask: true}
       g_steps: 1                        # the synthesizer's own options
       lr: 1.0e-3
+      lr_schedule: {name: cosine}       # optional: a factor on lr over the run, as optim.schedule is the student's
 
 A weight is a number or a schedule of :mod:`dfkd.policies.schedules`, which
 the sample source evaluates (in epochs) before every synthesis step: the
-synthesizer itself knows nothing about time.
+synthesizer itself knows nothing about time. So is ``lr_schedule``, for the
+synthesizers that train one network at one rate (``generative``); without it
+the rate stays constant, as in the CMI code's generative methods, while DFAD's
+own code decays it with the student's (``lr_schedule: ${optim.schedule}``).
 
 A term given as ``null`` is left out. That is how a recipe removes a term its
 base composes (see ``base`` in :mod:`dfkd.config`): ``synthesizer: {terms: {bn:
@@ -36,7 +40,7 @@ from torch import nn
 from dfkd.components import check_component
 from dfkd.data import DATASETS
 from dfkd.errors import ConfigError
-from dfkd.policies.schedules import Schedule, build_schedule
+from dfkd.policies.schedules import SCHEDULES, Schedule, build_schedule
 from generators.networks import GENERATORS
 from generators.synthesizers import SYNTHESIZERS, Synthesizer
 from generators.terms import TERMS, Term
@@ -44,7 +48,7 @@ from generators.terms import TERMS, Term
 __all__ = ["check_synthesizer", "check_generator_fits", "build_generator", "build_synthesizer", "BuiltSynthesizer"]
 
 _GENERATOR_RESERVED = ("image_size", "channels", "num_classes")
-_NESTED = ("generator", "terms")
+_NESTED = ("generator", "terms", "lr_schedule")  # checked here, not against the synthesizer's parameters
 
 
 def _plain(spec: Any) -> Any:
@@ -84,6 +88,8 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
         )
         if checked["generator"].get("conditional"):
             _check_conditional(cls, checked, path)
+    if spec.get("lr_schedule") is not None:
+        checked["lr_schedule"] = _check_lr_schedule(cls, spec, path)
     terms = spec.get("terms") or {}
     if isinstance(terms, Mapping):
         for name in terms:  # before nulls are dropped: a null under a misspelt name would remove nothing, silently
@@ -100,6 +106,21 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
         full.pop("name")
         checked["terms"][name] = {"weight": weight, **full}
     return OmegaConf.create(checked)
+
+
+def _check_lr_schedule(cls: type, spec: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The ``lr_schedule`` spec with its defaults filled in, for a synthesizer that can follow one."""
+    if not getattr(cls, "schedules_lr", False):
+        raise ConfigError(
+            f"{path}.lr_schedule: the {spec['name']!r} synthesizer has no single learning rate to schedule "
+            f"(only the 'generative' synthesizer does); remove {path}.lr_schedule."
+        )
+    if not isinstance(spec["lr_schedule"], Mapping):
+        raise ConfigError(
+            f"{path}.lr_schedule must be a schedule {{name: ..., ...}} (e.g. {{name: cosine}}) or null for a "
+            f"constant rate, got {spec['lr_schedule']!r}."
+        )
+    return OmegaConf.to_container(check_component(SCHEDULES, spec["lr_schedule"], f"{path}.lr_schedule"))
 
 
 def _check_conditional(cls: type, checked: Mapping[str, Any], path: str) -> None:
@@ -133,11 +154,12 @@ def _positional_parameters(cls: type) -> dict[str, inspect.Parameter]:
 
 @dataclass
 class BuiltSynthesizer:
-    """A synthesizer and the schedule of each of its term weights."""
+    """A synthesizer, the schedule of each of its term weights, and of its learning rate (``None``: constant)."""
 
     synthesizer: Synthesizer
     schedules: dict[str, Schedule]
     generator: nn.Module | None
+    lr_schedule: Schedule | None = None
 
     def weights(self, t: float, total: float) -> dict[str, float]:
         """Every term's weight at progress ``t`` of ``total`` (epochs)."""
@@ -204,6 +226,9 @@ def build_synthesizer(
         generator = build_generator(
             spec.pop("generator"), image_size=image_size, channels=channels, num_classes=num_classes
         ).to(device)
+    lr_schedule = spec.pop("lr_schedule", None)
+    if lr_schedule is not None:
+        lr_schedule = build_schedule(lr_schedule, "synthesizer.lr_schedule")
     terms: dict[str, Term] = {}
     schedules: dict[str, Schedule] = {}
     for term_name, options in spec.pop("terms").items():
@@ -225,4 +250,4 @@ def build_synthesizer(
         synthesizer.attach(teacher, feature_module=feature_module)
     except ValueError as exc:  # a term that cannot read this teacher (bn without batch norm)
         raise ConfigError(f"synthesizer.terms: {exc}.") from None
-    return BuiltSynthesizer(synthesizer, schedules, generator)
+    return BuiltSynthesizer(synthesizer, schedules, generator, lr_schedule)

@@ -227,6 +227,7 @@ class GenerativeSynthesizer(Synthesizer):
 
     SAMPLE_FROM = ("eval", "train", "last")
     conditions_generator: ClassVar[bool] = True  # it passes class labels to a conditional generator
+    schedules_lr: ClassVar[bool] = True  # its one learning rate follows the engine's synthesizer.lr_schedule
 
     def __init__(
         self,
@@ -270,6 +271,17 @@ class GenerativeSynthesizer(Synthesizer):
         """Place the hooks; a term may build trainable parts now (a projection head), so the optimiser follows."""
         super().attach(teacher, feature_module=feature_module)
         self._make_optimizer()
+
+    def scale_lr(self, factor: float) -> None:
+        """Set the generator's learning rate to ``factor · lr`` from the next update on.
+
+        The engine calls it before every :meth:`step` with the value of the recipe's
+        ``synthesizer.lr_schedule`` at that moment (DFAD's code decays the generator's
+        rate with the student's). The factor is a function of progress alone, so a
+        resumed run sets the same rate again.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * factor
 
     @property
     def conditional(self) -> bool:

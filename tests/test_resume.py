@@ -65,6 +65,12 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         "source.replay={size: 20, fresh: 0.25, logits: true}",
         "synthesizer.generator={name: cudfkd, nz: 16, ngf: 4, depth: 2}",
     ]),
+    # DFAD with the generator's rate stepped down with the student's at epoch 2, after the crash
+    "dfad_lr_schedule": ("dfad.yaml", [
+        "source.batch_size=8", "source.kd_steps=2", "train.steps_per_epoch=3",
+        "synthesizer.generator={name: dcgan, nz: 16, ngf: 4}", "optim.schedule={name: multistep, milestones: [2]}",
+        "synthesizer.lr_schedule=${optim.schedule}",
+    ]),
     # Fast-DFKD: a warm-up round, then a round every 2 steps; the meta optimiser, the round count, the
     # BN moving average and the pool carry over a checkpoint
     "fast": ("fast5.yaml", [
@@ -245,6 +251,14 @@ def test_generative_replay_resumes_exactly_with_its_pool(epoch, tmp_path, resnet
     assert sorted(scalars["weighting/lambda"]) == list(range(1, EPOCHS * 3 + 1))
     assert any(v > 0 for values in scalars["synth/weight/adv"].values() for v in values)
     assert all(0 <= v <= 1 for values in scalars["weighting/v_mean"].values() for v in values)
+
+
+def test_a_scheduled_generator_rate_resumes_exactly(tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):
+    straight = uninterrupted("dfad_lr_schedule")
+    resumed = _crash_and_resume("dfad_lr_schedule", tmp_path / "crashy", resnet8_teacher, crash_after_checkpoint, 1)
+    scalars = assert_resumed_exactly(resumed, straight, ("student", "generator"))
+    rates = sorted({v for values in scalars["synth/lr"].values() for v in values})
+    assert rates == pytest.approx([1e-4, 1e-3]), "the generator's rate, stepped down at epoch 2"
 
 
 def test_fast_resumes_exactly_with_its_meta_optimiser_and_bn_average(tmp_path, resnet8_teacher, uninterrupted, crash_after_checkpoint):

@@ -70,7 +70,11 @@ class SynthesisMixin:
         compare with the student (``adv``) are left out of it: an untrained student
         has nothing to disagree about yet.
         """
-        weights = self.built.weights(ctx.step / ctx.steps_per_epoch, ctx.epochs)
+        progress = ctx.step / ctx.steps_per_epoch
+        weights = self.built.weights(progress, ctx.epochs)
+        if self.built.lr_schedule is not None:
+            lr_factor = self.built.lr_schedule(progress, ctx.epochs)
+            self.synthesizer.scale_lr(lr_factor)
         if warmup:
             weights = {name: 0.0 if self.synthesizer.terms[name].needs_student else w for name, w in weights.items()}
         student = self.accelerator.unwrap_model(ctx.student) if self.synthesizer.needs_student else None
@@ -79,6 +83,8 @@ class SynthesisMixin:
         self.synth_images += getattr(self.synthesizer, "batch_size", 0) * getattr(self.synthesizer, "g_steps", 1)
         metrics = {f"synth/{name}": value for name, value in logs.items()}
         metrics.update({f"synth/weight/{name}": torch.tensor(w) for name, w in weights.items()})  # host values
+        if self.built.lr_schedule is not None:
+            metrics["synth/lr"] = torch.tensor(self.synthesizer.lr * lr_factor)
         return metrics
 
     @property
