@@ -38,7 +38,7 @@ def tiny_teacher(tmp_path: Path) -> Path:
 
 
 REDUCED = [
-    "data.test_samples=40", "data.num_workers=0", "source.batch_size=8", "source.replay.size=64",
+    "data.test_samples=40", "data.num_workers=0", "source.batch_size=8", "synthesizer.batch_size=8", "source.replay.size=64",
     "train.epochs=2", "train.steps_per_epoch=3", "train.log_every=1", "train.progress_bar=false", "eval.batch_size=40",
 ]
 
