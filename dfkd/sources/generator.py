@@ -72,8 +72,8 @@ class SynthesisMixin:
         """
         progress = ctx.step / ctx.steps_per_epoch
         weights = self.built.weights(progress, ctx.epochs)
-        if self.built.lr_schedule is not None:
-            lr_factor = self.built.lr_schedule(progress, ctx.epochs)
+        lr_factor = None if self.built.lr_schedule is None else self.built.lr_schedule(progress, ctx.epochs)
+        if lr_factor is not None:
             self.synthesizer.scale_lr(lr_factor)
         if warmup:
             weights = {name: 0.0 if self.synthesizer.terms[name].needs_student else w for name, w in weights.items()}
@@ -83,7 +83,7 @@ class SynthesisMixin:
         self.synth_images += getattr(self.synthesizer, "batch_size", 0) * getattr(self.synthesizer, "g_steps", 1)
         metrics = {f"synth/{name}": value for name, value in logs.items()}
         metrics.update({f"synth/weight/{name}": torch.tensor(w) for name, w in weights.items()})  # host values
-        if self.built.lr_schedule is not None:
+        if lr_factor is not None:
             metrics["synth/lr"] = torch.tensor(self.synthesizer.lr * lr_factor)
         return metrics
 
