@@ -2,7 +2,8 @@
 
 Every ``kd_steps`` student steps the source runs one synthesis step (the
 synthesizer's ``g_steps`` generator updates) with the term weights of the
-recipe's schedules at the current progress, then serves a synthetic batch per
+recipe's schedules at the current progress (and the generator's learning rate,
+when ``synthesizer.lr_schedule`` sets one), then serves a synthetic batch per
 student step. This is the loop of DAFL, ZSKT, DFAD, DFQ and CuDFKD. The source
 never touches the training data.
 
