@@ -108,12 +108,18 @@ def check_synthesizer(spec: Any, path: str = "synthesizer") -> DictConfig:
     return OmegaConf.create(checked)
 
 
+def _able(capability: str) -> str:
+    """The registered synthesizers that declare ``capability`` (a ClassVar of :class:`Synthesizer`), for messages."""
+    names = [repr(name) for name in SYNTHESIZERS.names() if getattr(SYNTHESIZERS.get(name), capability)]
+    return f"the {' or '.join(names)} synthesizer" if names else "no registered synthesizer"
+
+
 def _check_lr_schedule(cls: type, spec: Mapping[str, Any], path: str) -> dict[str, Any]:
     """The ``lr_schedule`` spec with its defaults filled in, for a synthesizer that can follow one."""
-    if not getattr(cls, "schedules_lr", False):
+    if not cls.schedules_lr:
         raise ConfigError(
             f"{path}.lr_schedule: the {spec['name']!r} synthesizer has no single learning rate to schedule "
-            f"(only the 'generative' synthesizer does); remove {path}.lr_schedule."
+            f"(only {_able('schedules_lr')} has); remove {path}.lr_schedule."
         )
     if not isinstance(spec["lr_schedule"], Mapping):
         raise ConfigError(
@@ -126,10 +132,10 @@ def _check_lr_schedule(cls: type, spec: Mapping[str, Any], path: str) -> dict[st
 def _check_conditional(cls: type, checked: Mapping[str, Any], path: str) -> None:
     """A class-conditional generator is asked for a class per image: only a synthesizer that draws
     those classes (``targets: random``) and passes them to the generator can drive it."""
-    if not getattr(cls, "conditions_generator", False):
+    if not cls.conditions_generator:
         raise ConfigError(
             f"{path}.generator.conditional: the {checked['name']!r} synthesizer cannot drive a class-conditional "
-            "generator (it gives the generator no class labels); use the 'generative' synthesizer or remove "
+            f"generator (it gives the generator no class labels); use {_able('conditions_generator')} or remove "
             f"{path}.generator.conditional."
         )
     if checked.get("targets") != "random":

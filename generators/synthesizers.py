@@ -55,6 +55,9 @@ class Synthesizer(nn.Module):
     """
 
     TARGETS = ("argmax", "random")
+    # What the engine may ask of a synthesizer beyond step and sample; a subclass that can says so.
+    conditions_generator: ClassVar[bool] = False  # it passes class labels to a conditional generator
+    schedules_lr: ClassVar[bool] = False  # it has one learning rate, which scale_lr() sets
 
     def __init__(
         self, terms: Mapping[str, Term], normalize: Normalize, denormalize: Normalize, num_classes: int, targets: str
@@ -226,8 +229,8 @@ class GenerativeSynthesizer(Synthesizer):
     """
 
     SAMPLE_FROM = ("eval", "train", "last")
-    conditions_generator: ClassVar[bool] = True  # it passes class labels to a conditional generator
-    schedules_lr: ClassVar[bool] = True  # its one learning rate follows the engine's synthesizer.lr_schedule
+    conditions_generator: ClassVar[bool] = True
+    schedules_lr: ClassVar[bool] = True
 
     def __init__(
         self,
