@@ -148,6 +148,11 @@ class TrainConfig:
     # with a last evaluation and checkpoint there: the time-to-accuracy benchmark gives every method
     # the same budget. None: run every epoch.
     time_budget_s: Optional[float] = None
+    # Keep an exponential moving average of the student's weights with this decay per step (warmed up:
+    # min(decay, (1 + n) / (10 + n)) at the n-th step; dfkd.averaging). The average is what the run
+    # evaluates and saves as student.safetensors; the trained student is logged as online_* and saved
+    # as student_online.safetensors. None: no average.
+    ema_decay: Optional[float] = None
 
 
 @dataclass
@@ -342,3 +347,5 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be at least {low}, got {OmegaConf.select(cfg, key)}.")
     if cfg.train.time_budget_s is not None and cfg.train.time_budget_s <= 0:
         raise ConfigError(f"train.time_budget_s must be positive (seconds), or null; got {cfg.train.time_budget_s}.")
+    if cfg.train.ema_decay is not None and not 0 < cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.999), or null for no average; got {cfg.train.ema_decay}.")

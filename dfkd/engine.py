@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dfkd.averaging import build_student_ema
 from dfkd.build import build_eval_loader, build_model, build_normalize
 from dfkd.cost import multiply_adds
 from dfkd.data import build_dataset
@@ -135,6 +136,8 @@ class Loop:
             self.temperature.module = accelerator.prepare(self.temperature.module)
 
         self.macs_per_image = self._macs_per_image()
+        # a moving average of the student's weights (dfkd.averaging), before compile makes the student a wrapper's
+        self.ema = None if cfg.train.ema_decay is None else build_student_ema(self.unwrapped_student, cfg.train.ema_decay)
         if cfg.train.compile:  # in place, so state dicts and checkpoints keep their keys
             for name, module in self.modules().items():
                 if name in ("student", "generator"):
@@ -170,6 +173,11 @@ class Loop:
     def unwrapped_student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.student)
 
+    @property
+    def evaluated_student(self) -> nn.Module:
+        """The student the run evaluates and ships: the moving average of its weights where it keeps one."""
+        return self.unwrapped_student if self.ema is None else self.ema.module
+
     def modules(self) -> dict[str, nn.Module]:
         """The trained networks by name: the student, the source's (a generator), a learnt temperature."""
         extra = getattr(self.source, "checkpoint_modules", None)
@@ -180,12 +188,19 @@ class Loop:
 
     def stateful(self) -> dict[str, Any]:
         """What every process holds the same of; the source's state is each process's own (its shard)."""
-        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "run": self.state}
+        stateful = {"optimizer": self.optimizer, "scheduler": self.scheduler, "run": self.state}
+        if self.ema is not None:
+            stateful["student_ema"] = self.ema
+        return stateful
 
     def identity(self) -> dict[str, str | None]:
-        """What a checkpoint can only be resumed by: the run's sample source and synthesizer."""
-        synthesizer = self.cfg.synthesizer
-        return {"source.name": self.cfg.source.name, "synthesizer.name": synthesizer.name if synthesizer else None}
+        """What a checkpoint can only be resumed by: the run's sample source and synthesizer, and the
+        decay of the student's moving average (whose state a run without one has no place for)."""
+        synthesizer, decay = self.cfg.synthesizer, self.cfg.train.ema_decay
+        return {
+            "source.name": self.cfg.source.name, "synthesizer.name": synthesizer.name if synthesizer else None,
+            "train.ema_decay": None if decay is None else str(decay),
+        }
 
     def synth_seconds(self) -> float:
         return float(getattr(self.source, "synth_seconds", 0.0))
@@ -277,6 +292,8 @@ class Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.unwrapped_student)
 
         terms = {"loss": loss.detach(), **weighting_logs, **temperature_logs}
         for name, value in raw.items():
@@ -363,7 +380,7 @@ class Loop:
     def _evaluate_and_record(self) -> None:
         started = time.perf_counter()
         metrics = evaluate(
-            self.student,
+            self.student if self.ema is None else self.ema.module,
             self.eval_loader,
             self.normalize,
             self.accelerator,
@@ -371,6 +388,10 @@ class Loop:
             per_sample=self.teacher is not None,
             teacher_cache=self._teacher_eval_logits,
         )
+        if self.ema is not None:  # the trained student beside its average, to see what averaging buys
+            online = evaluate(self.student, self.eval_loader, self.normalize, self.accelerator, self.teacher,
+                              teacher_cache=self._teacher_eval_logits)
+            metrics.update({f"online_{name}": online[name] for name in ("acc1", "agree1") if name in online})
         per_sample = metrics.pop("per_sample", None)
         if per_sample is not None:
             self.state.loyalty_hist = histogram(per_sample["loyalty"])

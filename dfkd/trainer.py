@@ -229,12 +229,12 @@ class Trainer:
     def _load_checkpoint(self, folder: Path) -> None:
         loop = self.loop
         models, state, local = CheckpointManager.load(folder, rank=self.accelerator.process_index)
-        identity = loop.identity()
-        for key, value in state.get("identity", {}).items():
-            if value != identity[key]:
+        written_by = state.get("identity", {})
+        for key, value in loop.identity().items():
+            if written_by.get(key) != value:  # a key the checkpoint predates was unset there
                 raise CheckpointError(
-                    f"checkpoint {str(folder)!r} was written by a run with {key}={value}, and this run has "
-                    f"{key}={identity[key]}: resume only a run's own checkpoints, or start afresh "
+                    f"checkpoint {str(folder)!r} was written by a run with {key}={written_by.get(key)}, and this run "
+                    f"has {key}={value}: resume only a run's own checkpoints, or start afresh "
                     "without train.resume (or with another output_dir)."
                 )
         for name, module in loop.modules().items():
@@ -275,11 +275,14 @@ class Trainer:
             summary["final_loyalty_hist"] = run.loyalty_hist
         if self.accelerator.is_main_process:
             spec, normalize = loop.spec, loop.normalize
-            save_model(loop.unwrapped_student, self.output_dir / "student.safetensors", {
+            student_metadata = {
                 "arch": cfg.student.arch, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
                 "image_size": spec.image_size, "dataset": spec.name,
                 "mean": list(normalize.mean.flatten().tolist()), "std": list(normalize.std.flatten().tolist()),
-            })
+            }
+            save_model(loop.evaluated_student, self.output_dir / "student.safetensors", student_metadata)
+            if loop.ema is not None:  # the trained weights themselves, beside their average
+                save_model(loop.unwrapped_student, self.output_dir / "student_online.safetensors", student_metadata)
             for name, module in loop.modules().items():
                 if name != "student":
                     save_model(module, self.output_dir / f"{name}.safetensors", {"dataset": spec.name})
