@@ -74,6 +74,14 @@ def build_normalize(cfg: DictConfig, spec: DatasetSpec) -> Normalize:
 
 
 def build_eval_loader(test_set: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    """An in-order loader over the test split; in-memory datasets need no worker processes."""
+    """An in-order loader over the test split; in-memory datasets need no worker processes.
+
+    It draws its workers' seeds from a generator of its own: a DataLoader otherwise draws one
+    from the global RNG every time it is iterated, so each evaluation would shift the training's
+    random stream, and how often a run evaluates would change the student it trains.
+    """
     in_memory = isinstance(getattr(test_set, "images", None), Tensor)
-    return DataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=0 if in_memory else num_workers)
+    return DataLoader(
+        test_set, batch_size=batch_size, shuffle=False, num_workers=0 if in_memory else num_workers,
+        generator=torch.Generator(),
+    )

@@ -147,6 +147,26 @@ def test_lr_follows_the_schedule(tmp_path):
     assert math.isclose(trainer.loop.scheduler.get_last_lr()[0], 0.01, rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("source", [
+    [],  # real data: its shuffling and augmentation
+    ["source={name: generator, batch_size: 32}", "synthesizer={name: generative, generator: {name: dcgan, nz: 16, ngf: 4}, "
+     "terms: {oh: 1.0}}", "loss.terms={kd: 1.0}", "train.steps_per_epoch=2"],  # a generator's noise
+])
+def test_how_often_a_run_evaluates_does_not_change_the_student_it_trains(tmp_path, source):
+    """An evaluation draws nothing from the training's random streams."""
+    teacher = []
+    if source:  # a data-free run needs a teacher: the student of a one-epoch run
+        Trainer(_cfg(tmp_path, f"output_dir={tmp_path / 't'}", "train.epochs=1")).fit()
+        teacher = ["teacher.arch=lenet5_half", f"teacher.checkpoint={tmp_path / 't' / 'student.safetensors'}"]
+    students = []
+    for every in (1, 3):
+        Trainer(_cfg(tmp_path, f"output_dir={tmp_path / str(every)}", f"train.eval_every={every}", *teacher, *source)).fit()
+        students.append(load_file(tmp_path / str(every) / "student.safetensors"))
+    assert [len((tmp_path / str(every) / "metrics.jsonl").read_text().splitlines()) for every in (1, 3)] == [3, 1]
+    for key in students[0]:
+        assert torch.equal(students[0][key], students[1][key]), key
+
+
 def test_a_missing_teacher_is_trained_on_this_runs_data_root(tmp_path):
     from dfkd.teacher import teacher_run
 
