@@ -36,7 +36,7 @@ def warmed_decay(decay: float, num_averaged: Tensor) -> Tensor:
 
     A tensor on ``num_averaged``'s device, so that updating never waits for the device.
     """
-    n = num_averaged.double()
+    n = num_averaged.float()
     return torch.clamp((1 + n) / (10 + n), max=decay)
 
 

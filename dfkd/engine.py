@@ -136,7 +136,7 @@ class Loop:
             self.temperature.module = accelerator.prepare(self.temperature.module)
 
         self.macs_per_image = self._macs_per_image()
-        # a moving average of the student's weights (dfkd.averaging), before compile makes the student a wrapper's
+        # a moving average of the student's weights (dfkd.averaging), copied before compile: it stays eager
         self.ema = None if cfg.train.ema_decay is None else build_student_ema(self.unwrapped_student, cfg.train.ema_decay)
         if cfg.train.compile:  # in place, so state dicts and checkpoints keep their keys
             for name, module in self.modules().items():
