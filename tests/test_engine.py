@@ -167,6 +167,26 @@ def test_how_often_a_run_evaluates_does_not_change_the_student_it_trains(tmp_pat
         assert torch.equal(students[0][key], students[1][key]), key
 
 
+def test_a_run_over_files_resumes_exactly_from_the_middle_of_a_pass(tmp_path, monkeypatch, crash_after_checkpoint):
+    """A dataset read from its files gets a loader per pass: the one a resume starts in the middle of a pass
+    must not shift the random stream that the augmentation draws from."""
+    from test_data import write_class_tree
+
+    write_class_tree(tmp_path / "data" / "train", ("a", "b"), per_class=16)
+    write_class_tree(tmp_path / "data" / "val", ("a", "b"), per_class=2)
+    monkeypatch.setattr("dfkd.data.catalog.IN_MEMORY_BYTES", 0)  # every split read from its files
+    files = [
+        "data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.augment=crop", "source.batch_size=8",
+        "train.steps_per_epoch=3", "train.epochs=2",  # 4 steps a pass: the checkpoint of epoch 1 falls in a pass
+    ]
+    Trainer(_cfg(tmp_path, f"output_dir={tmp_path / 'straight'}", *files)).fit()
+    crash_after_checkpoint(_cfg(tmp_path, f"output_dir={tmp_path / 'crashy'}", *files), epoch=1)
+    Trainer(_cfg(tmp_path, f"output_dir={tmp_path / 'crashy'}", *files, "train.resume=auto")).fit()
+    students = [load_file(tmp_path / run / "student.safetensors") for run in ("straight", "crashy")]
+    for key in students[0]:
+        assert torch.equal(students[0][key], students[1][key]), key
+
+
 def test_a_missing_teacher_is_trained_on_this_runs_data_root(tmp_path):
     from dfkd.teacher import teacher_run
 

@@ -168,8 +168,9 @@ class Scorer:
         if isinstance(images, Tensor):
             batches = (images[index[i : i + self.batch_size]] for i in range(0, len(index), self.batch_size))
         else:
-            loader = DataLoader(
-                self.dataset.subset(index), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+            loader = DataLoader(  # a generator of its own, so that scoring draws nothing from the training's stream
+                self.dataset.subset(index), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                generator=torch.Generator(),
             )
             batches = (x for x, _ in loader)
         for x in batches:

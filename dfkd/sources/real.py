@@ -111,11 +111,14 @@ class RealDataSource:
                 yield images[idx], self.targets[idx], idx
             return
         shards = list(self._shards(pass_index, start))
+        # A generator of its own: iterating a loader draws a seed from its generator (else the global one),
+        # and a resume starts this loader at a step where the uninterrupted run started none.
         loader = DataLoader(
             self.dataset,
             batch_sampler=[s.tolist() for s in shards],
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),
         )
         for idx, (x, y) in zip(shards, loader):
             yield x, torch.as_tensor(y), idx
