@@ -380,7 +380,7 @@ class Loop:
     def _evaluate_and_record(self) -> None:
         started = time.perf_counter()
         metrics = evaluate(
-            self.student if self.ema is None else self.ema.module,
+            self.evaluated_student,
             self.eval_loader,
             self.normalize,
             self.accelerator,
